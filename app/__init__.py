@@ -1,0 +1,1 @@
+"""RADAR: a risk-aware router in front of content-moderation verticals."""

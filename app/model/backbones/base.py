@@ -1,0 +1,67 @@
+"""The interface every backbone family implements.
+
+A backbone owns its preprocessing (tokenizer, image processor) so that serving and training
+build inputs with the same code: `build_inputs(posts)` returns CPU tensors, `forward(inputs)`
+returns one pooled vector per post.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import ClassVar, Self
+
+import torch
+from torch import nn
+
+from app.model.config import BackboneConfig
+from app.model.post import Post
+
+
+class Backbone(nn.Module, ABC):
+    """A pretrained encoder or decoder VLM pooled to one vector per post.
+
+    Trainable parameters that are neither base weights nor LoRA (e.g. the dual encoder's
+    learned "no image" embedding) live in `self.extras`; the model store saves them with the
+    MLP and heads, and LoRA wrapping leaves them trainable.
+    """
+
+    family: ClassVar[str]
+    # Module names LoRA targets when the config names none.
+    default_lora_targets: ClassVar[tuple[str, ...]]
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.extras = nn.ParameterDict()
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the pooled vector `forward` returns."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, config: BackboneConfig, store_dir: Path) -> Self:
+        """Load from the local paths of `config` (resolved against `store_dir`), offline.
+
+        Raises `ModelStoreError` naming the file when something is missing or broken.
+        """
+
+    @abstractmethod
+    def build_inputs(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
+        """Collate posts into CPU tensors: the one input builder of serving and training."""
+
+    @abstractmethod
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled vectors, shape `[batch, hidden_size]`, for inputs from `build_inputs`."""
+
+    def prepare_for_device(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Move inputs to this backbone's device; floating tensors take its dtype."""
+        param = next(self.parameters())
+        moved = {}
+        for name, tensor in inputs.items():
+            if tensor.is_floating_point():
+                moved[name] = tensor.to(param.device, dtype=param.dtype, non_blocking=True)
+            else:
+                moved[name] = tensor.to(param.device, non_blocking=True)
+        return moved

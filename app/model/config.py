@@ -1,0 +1,97 @@
+"""The router's JSON config (`router.json` in a model-store directory), validated by pydantic."""
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from app.model.errors import ModelStoreError
+
+BackboneFamily = Literal["qwen3_vl", "dual_encoder", "text_encoder"]
+Pooling = Literal["last_token", "mean", "cls"]
+PACKAGE_PREFIX = "package:"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneConfig(_Strict):
+    """Which backbone to build and where its weights are.
+
+    Paths are absolute, relative to the model-store directory, or `package:<module>[/<sub>]`
+    for weights shipped inside an installed Python package (MiniLM, EfficientNet-Lite0).
+    """
+
+    family: BackboneFamily
+    path: str = Field(description="the VLM or text-encoder directory (from_pretrained layout)")
+    image_path: str | None = Field(
+        default=None, description="dual encoder only: the image encoder's weights"
+    )
+    pooling: Pooling = "last_token"
+    max_text_tokens: int = Field(default=256, ge=8, le=32768)
+    max_images: int = Field(default=4, ge=0, le=64)
+    image_size: int = Field(default=224, ge=32, le=1024, description="encoder image side")
+
+    @model_validator(mode="after")
+    def _check_family(self) -> "BackboneConfig":
+        if self.family == "dual_encoder" and self.image_path is None:
+            raise ValueError("a dual_encoder backbone needs image_path")
+        if self.family == "qwen3_vl" and self.pooling != "last_token":
+            raise ValueError("a decoder VLM pools the last real token (pooling: last_token)")
+        return self
+
+
+class HeadConfig(_Strict):
+    """MLP to the shared representation, then one linear head per category."""
+
+    hidden_dims: tuple[int, ...] = (256,)
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+
+
+class LoraSettings(_Strict):
+    """LoRA on the backbone through peft (paper: rank 128, alpha 256)."""
+
+    r: int = Field(default=128, ge=1)
+    alpha: int = Field(default=256, ge=1)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] | None = Field(
+        default=None, description="module names; None takes the backbone's defaults"
+    )
+
+
+class RouterConfig(_Strict):
+    """Everything needed, beside the weight files, to rebuild one router."""
+
+    format_version: Literal[1] = 1
+    model_version: str = Field(min_length=1, max_length=128)
+    categories: tuple[str, ...] = Field(min_length=1)
+    backbone: BackboneConfig
+    head: HeadConfig = HeadConfig()
+    lora: LoraSettings | None = LoraSettings()
+
+    @field_validator("categories")
+    @classmethod
+    def _unique_names(cls, categories: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"categories repeat: {list(categories)}")
+        for name in categories:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"category {name!r}: use letters, digits and underscores")
+        return categories
+
+
+def resolve_path(reference: str, store_dir: Path) -> Path:
+    """Turn a path reference from `router.json` into a local path; never touches the network."""
+    if reference.startswith(PACKAGE_PREFIX):
+        module, _, sub = reference[len(PACKAGE_PREFIX) :].partition("/")
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelStoreError(
+                store_dir / "router.json", f"package {module!r} is not installed ({reference})"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        return root / sub if sub else root
+    path = Path(reference)
+    return path if path.is_absolute() else store_dir / path

@@ -1,0 +1,141 @@
+"""The model store: `model_store/<name>/` holds everything needed to load one router offline.
+
+Layout (DESIGN.md):
+    router.json            RouterConfig: categories, backbone family and local path(s),
+                           pooling, text/image limits, LoRA settings, model_version
+    adapter/               the LoRA adapter in peft's own format (absent when `lora` is null)
+    head.safetensors       MLP, heads and the backbone's extras (e.g. the "no image" embedding)
+    backbone/              optional: a backbone shipped with the router (the tiny test model)
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from app.model.backbones import load_backbone
+from app.model.config import RouterConfig
+from app.model.errors import ModelStoreError
+from app.model.router import Router, wrap_with_lora
+
+# Loading must never reach a model hub: every path is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+CONFIG_FILE = "router.json"
+ADAPTER_DIR = "adapter"
+HEAD_FILE = "head.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def read_config(store_dir: Path) -> RouterConfig:
+    """Parse and validate `router.json`; errors name the file and the problem."""
+    path = Path(store_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelStoreError(path, "missing (is this a model-store directory?)")
+    try:
+        return RouterConfig.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ModelStoreError(path, f"invalid router config: {problems}") from None
+
+
+def write_config(config: RouterConfig, store_dir: Path) -> None:
+    path = Path(store_dir) / CONFIG_FILE
+    path.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+
+
+def head_state(router: Router) -> dict[str, torch.Tensor]:
+    """The full-parameter part of a router: MLP, heads and backbone extras."""
+    state = {f"mlp.{k}": v for k, v in router.mlp.state_dict().items()}
+    state |= {f"heads.{k}": v for k, v in router.heads.state_dict().items()}
+    state |= {f"extras.{k}": v for k, v in router.base_backbone.extras.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_router(router: Router, store_dir: Path | str) -> Path:
+    """Write `router` in the model-store layout; returns the directory."""
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    write_config(router.config, store_dir)
+    if isinstance(router.backbone, PeftModel):
+        router.backbone.save_pretrained(str(store_dir / ADAPTER_DIR))
+    save_file(head_state(router), str(store_dir / HEAD_FILE))
+    return store_dir
+
+
+def new_router(config: RouterConfig, store_dir: Path | str) -> Router:
+    """A router with pretrained backbone, fresh LoRA adapters and freshly initialised heads."""
+    backbone = load_backbone(config.backbone, Path(store_dir))
+    wrapped = wrap_with_lora(backbone, config.lora) if config.lora else backbone
+    return Router(config, wrapped)
+
+
+def load_router(
+    store_dir: Path | str, device: torch.device | str = "cpu", *, trainable: bool = False
+) -> Router:
+    """Load a saved router, offline; `ModelStoreError` names any missing or broken file."""
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        raise ModelStoreError(store_dir, "model-store directory does not exist")
+    config = read_config(store_dir)
+    backbone = load_backbone(config.backbone, store_dir)
+    if config.lora is not None:
+        backbone = _load_adapter(backbone, store_dir / ADAPTER_DIR, trainable=trainable)
+    router = Router(config, backbone)
+    _load_head(router, store_dir / HEAD_FILE)
+    router.place(device)
+    router.train(trainable)
+    return router
+
+
+def _load_adapter(backbone: torch.nn.Module, adapter_dir: Path, *, trainable: bool) -> PeftModel:
+    for name in ADAPTER_FILES:
+        if not (adapter_dir / name).is_file():
+            raise ModelStoreError(adapter_dir / name, "missing (router.json asks for LoRA)")
+    try:
+        wrapped = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
+        raise ModelStoreError(adapter_dir, f"cannot load the LoRA adapter: {exc}") from None
+    if trainable:
+        for param in wrapped.get_base_model().extras.values():
+            param.requires_grad_(True)
+    return wrapped
+
+
+def _load_head(router: Router, path: Path) -> None:
+    if not path.is_file():
+        raise ModelStoreError(path, "missing (MLP and heads)")
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelStoreError(path, f"not a readable safetensors file: {exc}") from None
+    expected = head_state(router)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ModelStoreError(
+            path, f"tensors do not match router.json: missing {missing}, unexpected {unexpected}"
+        )
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelStoreError(
+                path, f"{key} has shape {tuple(tensor.shape)}, router.json implies "
+                f"{tuple(expected[key].shape)}"
+            )
+    with torch.no_grad():
+        router.mlp.load_state_dict(_strip(saved, "mlp."))
+        router.heads.load_state_dict(_strip(saved, "heads."))
+        for name, value in _strip(saved, "extras.").items():
+            router.base_backbone.extras[name].copy_(value)
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
