@@ -1,0 +1,1 @@
+"""Evaluation: per-category detection and traffic-reduction metrics, threshold calibration."""

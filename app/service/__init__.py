@@ -1,0 +1,1 @@
+"""The HTTP service: settings, schemas, the dynamic batcher, metrics, routes and the app."""

@@ -1,0 +1,71 @@
+"""Named service errors; `app.service.app` maps each to an HTTP response at the edge."""
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status and a short machine-readable code."""
+
+    status_code = 500
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class RetryableError(ServiceError):
+    """503s: the caller should come back after `retry_after_s`."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class QueueFullError(RetryableError):
+    code = "queue_full"
+
+
+class NotReadyError(RetryableError):
+    code = "not_ready"
+
+
+class DeadlineExceededError(ServiceError):
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class BadPostError(ServiceError):
+    """A post the router cannot take (undecodable image, too many images, ...)."""
+
+    status_code = 422
+    code = "bad_post"
+
+    def __init__(self, post_id: str, field: str, problem: str) -> None:
+        super().__init__(f"post {post_id!r}, {field}: {problem}")
+        self.post_id = post_id
+        self.field = field
+
+
+class AdminDisabledError(ServiceError):
+    status_code = 404
+    code = "admin_disabled"
+
+
+class UnauthorizedError(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class ForbiddenError(ServiceError):
+    status_code = 403
+    code = "forbidden"

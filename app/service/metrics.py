@@ -1,0 +1,131 @@
+"""Every Prometheus object of the service, in one registry per app, updated at a few hooks.
+
+Histograms, not summaries, so replicas aggregate; labels are bounded (categories, decisions,
+reasons, endpoints; never post ids).
+
+Auto-pass rate, overall and per category (PromQL):
+    sum(rate(radar_auto_pass_total[5m])) / sum(rate(radar_posts_total[5m]))
+    sum by (category) (rate(radar_decisions_total{decision="pass"}[5m]))
+      / sum by (category) (rate(radar_decisions_total[5m]))
+"""
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SCORE_BUCKETS = tuple(round(i / 20, 2) for i in range(1, 21))
+
+
+class ServiceMetrics:
+    """The `radar_*` series of one service instance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.posts = Counter("radar_posts", "Posts routed (fallbacks included).", registry=r)
+        self.auto_pass = Counter("radar_auto_pass", "Posts dispatched to no vertical.", registry=r)
+        self.decisions = Counter(
+            "radar_decisions", "Per-category decisions.", ["category", "decision"], registry=r
+        )
+        self.scores = Histogram(
+            "radar_score",
+            "Router probability per category.",
+            ["category"],
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "radar_fallback",
+            "Posts dispatched to every category because the model failed.",
+            ["reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "radar_rejected", "Requests refused before routing.", ["reason"], registry=r
+        )
+        self.request_latency = Histogram(
+            "radar_request_duration_seconds",
+            "Request latency, server side.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "radar_queue_wait_seconds",
+            "Time a post waited for its batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.forward_time = Histogram(
+            "radar_forward_duration_seconds",
+            "Model time per batch (inputs + forward).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "radar_batch_size", "Posts per forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("radar_queue_depth", "Posts waiting for a batch.", registry=r)
+        self.thresholds_info = Gauge(
+            "radar_thresholds_info",
+            "Active thresholds version (value 1).",
+            ["version"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "radar_model_info", "Loaded model version (value 1).", ["model_version"], registry=r
+        )
+        self.threshold = Gauge(
+            "radar_threshold", "Active threshold tau per category.", ["category"], registry=r
+        )
+        self.reload_failures = Counter(
+            "radar_thresholds_reload_failures",
+            "Thresholds files refused.",
+            ["reason"],
+            registry=r,
+        )
+        self.ready = Gauge("radar_ready", "1 when the service is ready.", registry=r)
+
+    def init_categories(self, categories: Sequence[str]) -> None:
+        """Create every labelled child at 0 so rates exist before the first post."""
+        for name in categories:
+            for decision in ("dispatch", "pass"):
+                self.decisions.labels(name, decision)
+            self.scores.labels(name)
+
+    def track_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(lambda: float(depth()))
+
+    def set_model(self, model_version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model_version).set(1)
+
+    def set_thresholds(self, version: str, taus: dict[str, float]) -> None:
+        self.thresholds_info.clear()
+        self.thresholds_info.labels(version).set(1)
+        for name, tau in taus.items():
+            self.threshold.labels(name).set(tau)
+
+    def record_post(
+        self,
+        scores: dict[str, float],
+        dispatch: Sequence[str],
+        categories: Sequence[str],
+        fallback_reason: str | None,
+    ) -> None:
+        """Count one routed post and its per-category decisions."""
+        self.posts.inc()
+        if not dispatch:
+            self.auto_pass.inc()
+        if fallback_reason is not None:
+            self.fallbacks.labels(fallback_reason).inc()
+        chosen = set(dispatch)
+        for name in categories:
+            self.decisions.labels(name, "dispatch" if name in chosen else "pass").inc()
+            if name in scores:
+                self.scores.labels(name).observe(scores[name])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (the contract in DESIGN.md).
+
+Unknown fields are rejected (422): a typo such as `ocr` for `ocr_text` would otherwise route
+the post without its text, silently.
+"""
+
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PostId = Annotated[str, Field(min_length=1, max_length=256, examples=["post-123"])]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageIn(_Body):
+    """One image: inline base64 bytes or a URL on an allowlisted host — exactly one."""
+
+    url: str | None = Field(default=None, max_length=4096, examples=["https://cdn.example/a.jpg"])
+    data: str | None = Field(default=None, description="base64 of a JPEG/PNG/WebP/GIF file")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("give exactly one of 'url' or 'data'")
+        return self
+
+
+class PostIn(_Body):
+    """One uploaded post."""
+
+    post_id: PostId
+    title: str = Field(default="", examples=["Limited offer: earn $500/day from home"])
+    ocr_text: str = Field(default="", examples=["DM me on WhatsApp"])
+    images: list[ImageIn] = Field(default_factory=list)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "post_id": "post-123",
+                    "title": "Limited offer: earn $500/day from home",
+                    "ocr_text": "DM me on WhatsApp",
+                    "images": [],
+                }
+            ]
+        },
+    )
+
+
+class BatchIn(_Body):
+    """Several posts in one request; post ids must be unique within it."""
+
+    posts: list[PostIn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Self:
+        seen: set[str] = set()
+        repeated = {p.post_id for p in self.posts if p.post_id in seen or seen.add(p.post_id)}
+        if repeated:
+            raise ValueError(f"post_id repeated in the batch: {sorted(repeated)[:5]}")
+        return self
+
+
+class Flag(StrEnum):
+    """Anything unusual about a decision."""
+
+    FALLBACK = "fallback"  # the model failed: dispatched to every category, never auto-passed
+
+
+class RouteResult(BaseModel):
+    """The router's answer for one post."""
+
+    post_id: str
+    scores: dict[str, float] = Field(
+        description="p_k per category; empty when the model failed (see flags)",
+        examples=[{"lqc": 0.12, "rcs": 0.81, "fe": 0.05}],
+    )
+    dispatch: list[str] = Field(description="categories sent to their vertical", examples=[["rcs"]])
+    auto_pass: bool = Field(description="true when dispatched to no vertical")
+    thresholds_version: str | None
+    model_version: str
+    flags: list[Flag] = Field(default_factory=list)
+
+
+class BatchResult(BaseModel):
+    results: list[RouteResult]
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable code and a human-readable message."""
+
+    error: str
+    detail: str | list[dict[str, object]]
+
+
+class ReadyStatus(BaseModel):
+    ready: bool
+    reason: str | None = None
+    model_version: str | None = None
+    thresholds_version: str | None = None
+
+
+class ReloadOutcome(BaseModel):
+    status: str
+    thresholds_version: str | None
+    reason: str | None = None
+    message: str = ""

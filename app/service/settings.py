@@ -1,0 +1,52 @@
+"""Service settings: one pydantic-settings class, environment prefix `RADAR_`.
+
+A bad value fails at start-up with a message naming the variable.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; `RADAR_<NAME>` in the environment overrides each."""
+
+    model_config = SettingsConfigDict(env_prefix="RADAR_", extra="forbid", frozen=True)
+
+    model_dir: Path = Field(default=Path("model_store/tiny"), description="model-store dir")
+    thresholds_path: Path = Field(default=Path("thresholds/tiny.yaml"))
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    max_batch_size: int = Field(default=32, ge=1, le=1024, description="posts per forward")
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="batch gather wait")
+    queue_size: int = Field(default=512, ge=1, le=100_000, description="posts waiting, at most")
+    deadline_ms: float = Field(default=2000.0, gt=0.0, le=600_000.0, description="per request")
+    retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After on 503")
+
+    max_posts_per_request: int = Field(default=64, ge=1, le=1024, description="/route/batch")
+    max_images_per_post: int = Field(default=4, ge=0, le=64)
+    max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
+    max_image_pixels: int = Field(default=25_000_000, ge=1024)
+    max_text_chars: int = Field(default=10_000, ge=1, description="title / OCR text, each")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
+
+    url_allowlist: list[str] = Field(default_factory=list, description="hosts image URLs may use")
+    url_connect_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
+    url_read_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)
+
+    thresholds_poll_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.deadline_ms <= self.max_wait_ms:
+            raise ValueError("RADAR_DEADLINE_MS must exceed RADAR_MAX_WAIT_MS")
+        if self.queue_size < self.max_batch_size:
+            raise ValueError("RADAR_QUEUE_SIZE must be at least RADAR_MAX_BATCH_SIZE")
+        return self

@@ -1,0 +1,140 @@
+"""The running service's parts and their start-up / shutdown order."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from app.model.post import Post
+from app.model.router import Router
+from app.model.store import load_router
+from app.service.batcher import DynamicBatcher
+from app.service.engine import Decision, RouterEngine
+from app.service.errors import NotReadyError
+from app.service.images import ImageLoader
+from app.service.metrics import ServiceMetrics
+from app.service.settings import Settings
+from app.thresholds import ActiveThresholds, ReloadResult, ThresholdsStore
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(setting: str) -> torch.device:
+    """`auto` takes CUDA when present (bf16 there), the CPU otherwise."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("RADAR_DEVICE=cuda but CUDA is not available")
+    return torch.device(setting)
+
+
+class ServiceState:
+    """Model, thresholds, batcher and metrics of one service instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.images = ImageLoader(settings)
+        self.router: Router | None = None
+        self.engine: RouterEngine | None = None
+        self.thresholds: ThresholdsStore | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.not_ready_reason: str | None = "starting"
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the model (a broken store raises and stops start-up), thresholds, warm up."""
+        s = self.settings
+        device = pick_device(s.device)
+        self.not_ready_reason = "loading model"
+        self.router = await asyncio.to_thread(load_router, s.model_dir, device)
+        self.engine = RouterEngine(self.router)
+        version = self.router.config.model_version
+        self.metrics.set_model(version)
+        self.metrics.init_categories(self.router.categories)
+        self.thresholds = ThresholdsStore(s.thresholds_path, self.router.categories, version)
+        self.apply_reload(await asyncio.to_thread(self.thresholds.reload))
+        self.batcher = DynamicBatcher(
+            self._run_batch,
+            self.metrics,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            queue_size=s.queue_size,
+            retry_after_s=s.retry_after_s,
+        )
+        self.batcher.start()
+        self.not_ready_reason = "warming up"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.batcher.executor, self.engine.warm_up)
+        self._watcher = loop.create_task(self._watch_thresholds(), name="radar-thresholds")
+        self.refresh_readiness()
+        log.info("router %s on %s ready=%s", version, device, self.not_ready_reason is None)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.batcher is not None:
+            await self.batcher.stop()
+        await self.images.aclose()
+
+    def apply_reload(self, result: ReloadResult | None) -> None:
+        """Record a reload attempt in the metrics and the readiness."""
+        if result is None:
+            return
+        if result.status == "refused" and result.reason is not None:
+            self.metrics.reload_failures.labels(result.reason).inc()
+        if result.active is not None:
+            self.metrics.set_thresholds(result.active.version, result.active.taus)
+        self.refresh_readiness()
+
+    def active_thresholds(self) -> ActiveThresholds:
+        """The thresholds a new request will use; `NotReadyError` until ready."""
+        if self.not_ready_reason is not None or self.thresholds is None:
+            raise NotReadyError(f"not ready: {self.not_ready_reason}", self.settings.retry_after_s)
+        active = self.thresholds.active
+        if active is None:  # unreachable once ready; kept for the type checker
+            raise NotReadyError("no valid thresholds", self.settings.retry_after_s)
+        return active
+
+    def deadline(self, started: float) -> float:
+        return started + self.settings.deadline_ms / 1000
+
+    def _run_batch(self, posts: Sequence[Post]) -> list[Decision]:  # on the model thread
+        if self.engine is None or self.thresholds is None or self.thresholds.active is None:
+            raise RuntimeError("batch before start-up finished")
+        # One thresholds version for the whole batch, read once.
+        return self.engine.route(posts, self.thresholds.active)
+
+    def refresh_readiness(self) -> None:
+        if self.router is None:
+            reason: str | None = "model not loaded"
+        elif self.thresholds is None or self.thresholds.active is None:
+            error = self.thresholds.last_error if self.thresholds else None
+            reason = f"no valid thresholds: {error}" if error else "no thresholds loaded"
+        elif self.batcher is None or not self.batcher.alive:
+            reason = "batcher not running"
+        elif self._watcher is None:
+            reason = "warming up"
+        else:
+            reason = None
+        self.not_ready_reason = reason
+        self.metrics.ready.set(1 if reason is None else 0)
+
+    async def _watch_thresholds(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.thresholds_poll_s)
+            if self.thresholds is None:
+                continue
+            try:
+                self.apply_reload(await asyncio.to_thread(self.thresholds.reload_if_modified))
+            except Exception:  # the watcher must survive anything a file can do
+                log.exception("thresholds watcher step failed")
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()

@@ -1,0 +1,182 @@
+"""The thresholds file: YAML schema, validation against the loaded model, hot reload.
+
+Ops edit or replace the active file; the service polls it and swaps the thresholds in
+atomically. A file that fails any check never replaces the active one: the refusal is
+returned (and logged and counted by the caller) and the old thresholds stay.
+"""
+
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+# Bounded label values for the reload-failure metric.
+RefusalReason = Literal["unreadable", "yaml", "schema", "categories", "model_version"]
+
+
+class ThresholdsError(Exception):
+    """A thresholds file was refused; `reason` is one of `RefusalReason`."""
+
+    def __init__(self, reason: RefusalReason, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class CategoryThreshold(BaseModel):
+    """`tau` decides (dispatch iff p > tau); the rest records how it was calibrated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tau: float = Field(ge=0.0, le=1.0)
+    recall_target: float | None = Field(default=None, ge=0.0, le=1.0)
+    achieved_recall: float | None = Field(default=None, ge=0.0, le=1.0)
+    expected_auto_pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
+    n_positive: int | None = Field(default=None, ge=0)
+    n_annotated: int | None = Field(default=None, ge=0)
+
+
+class ThresholdsFile(BaseModel):
+    """The whole YAML document."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str = Field(min_length=1, max_length=128)
+    model_version: str = Field(min_length=1, max_length=128)
+    categories: dict[str, CategoryThreshold]
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="provenance: data fingerprint, date, command, ..."
+    )
+
+
+@dataclass(frozen=True)
+class ActiveThresholds:
+    """One validated thresholds version; immutable, so a batch can hold on to it."""
+
+    version: str
+    model_version: str
+    taus: dict[str, float]
+    digest: str
+
+    def dispatch(self, scores: dict[str, float]) -> list[str]:
+        """Categories whose score exceeds their threshold, in category order."""
+        return [name for name, tau in self.taus.items() if scores[name] > tau]
+
+
+def parse_thresholds(text: bytes, source: str = "<thresholds>") -> ThresholdsFile:
+    """Parse YAML bytes into a `ThresholdsFile`; every failure is a `ThresholdsError`."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ThresholdsError("yaml", f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(document, dict):
+        raise ThresholdsError("schema", f"{source}: expected a mapping at the top level")
+    try:
+        return ThresholdsFile.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ThresholdsError("schema", f"{source}: {problems}") from None
+
+
+def validate_for_model(
+    file: ThresholdsFile, categories: Sequence[str], model_version: str, source: str, digest: str
+) -> ActiveThresholds:
+    """Check the file fits the loaded model: same categories, same `model_version`."""
+    missing = [c for c in categories if c not in file.categories]
+    unknown = [c for c in file.categories if c not in categories]
+    if missing or unknown:
+        raise ThresholdsError(
+            "categories",
+            f"{source}: categories do not match the model: missing {missing}, unknown {unknown}",
+        )
+    if file.model_version != model_version:
+        raise ThresholdsError(
+            "model_version",
+            f"{source}: calibrated for model {file.model_version!r}, "
+            f"but the loaded model is {model_version!r}",
+        )
+    taus = {name: file.categories[name].tau for name in categories}
+    return ActiveThresholds(file.version, file.model_version, taus, digest)
+
+
+def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -> ActiveThresholds:
+    """Read, parse and validate one thresholds file."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ThresholdsError("unreadable", f"{path}: cannot read: {exc.strerror}") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    return validate_for_model(
+        parse_thresholds(raw, str(path)), categories, model_version, str(path), digest
+    )
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload attempt did: `changed`, `unchanged`, or `refused` with the reason."""
+
+    status: Literal["changed", "unchanged", "refused"]
+    active: ActiveThresholds | None
+    reason: RefusalReason | None = None
+    message: str = ""
+
+
+class ThresholdsStore:
+    """Holds the active thresholds for one model and reloads them from `path` on demand.
+
+    Readers take `store.active` (one reference read, so a batch sees one version); reloads
+    are serialised by a lock and swap the reference only after every check has passed.
+    """
+
+    def __init__(self, path: Path, categories: Sequence[str], model_version: str) -> None:
+        self.path = Path(path)
+        self.categories = tuple(categories)
+        self.model_version = model_version
+        self.active: ActiveThresholds | None = None
+        self.last_error: ThresholdsError | None = None
+        self._lock = threading.Lock()
+        self._last_stat: tuple[int, int] | None = None
+
+    def reload(self) -> ReloadResult:
+        """Load the file now; keep the active thresholds if it is refused."""
+        with self._lock:
+            self._last_stat = self._stat()
+            try:
+                fresh = load_thresholds(self.path, self.categories, self.model_version)
+            except ThresholdsError as exc:
+                self.last_error = exc
+                log.error(
+                    "thresholds refused (%s); keeping %s: %s",
+                    exc.reason,
+                    self.active.version if self.active else "none",
+                    exc,
+                )
+                return ReloadResult("refused", self.active, exc.reason, str(exc))
+            self.last_error = None
+            if self.active is not None and fresh.digest == self.active.digest:
+                return ReloadResult("unchanged", self.active)
+            log.info("thresholds version %s active (model %s)", fresh.version, fresh.model_version)
+            self.active = fresh
+            return ReloadResult("changed", fresh)
+
+    def reload_if_modified(self) -> ReloadResult | None:
+        """Poll step: reload only when the file's mtime or size changed since the last try."""
+        if self._stat() == self._last_stat:
+            return None
+        return self.reload()
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)

@@ -1,0 +1,1 @@
+"""Training: data loading, the RADAR losses, the trainer, experts and teacher scoring."""

@@ -1,0 +1,93 @@
+"""Dynamic batching, backpressure and deadlines, through the real ASGI app."""
+
+import asyncio
+import threading
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import post
+
+
+def sample(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == name and (labels is None or s.labels == labels):
+                return s.value
+    raise KeyError(name)
+
+
+async def test_concurrent_requests_share_one_forward(running) -> None:
+    async with running(max_batch_size=8, max_wait_ms=500) as (client, state):
+        forwards = []
+        real_forward = state.router.forward
+
+        def counting(inputs):
+            forwards.append(int(inputs["input_ids"].shape[0]))
+            return real_forward(inputs)
+
+        state.router.forward = counting
+        responses = await asyncio.gather(
+            *(client.post("/route", json=post(f"s{i}", "x " * i)) for i in range(8))
+        )
+        text = (await client.get("/metrics")).text
+    assert all(r.status_code == 200 for r in responses)
+    assert forwards == [8]  # one forward pass for eight callers
+    assert sample(text, "radar_batch_size_count") == 1
+    assert sample(text, "radar_batch_size_sum") == 8
+
+
+def block_model_thread(state) -> threading.Event:
+    """Occupy the single model thread until the returned event is set."""
+    release = threading.Event()
+    state.batcher.executor.submit(release.wait, 10)
+    return release
+
+
+async def test_full_queue_answers_503_with_retry_after_at_once(running) -> None:
+    async with running(max_batch_size=1, queue_size=1, max_wait_ms=0) as (client, state):
+        release = block_model_thread(state)
+        first = asyncio.create_task(client.post("/route", json=post("a")))  # gathered, waits
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(client.post("/route", json=post("b")))  # fills the queue
+        await asyncio.sleep(0.1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        third = await client.post("/route", json=post("c"))
+        elapsed = loop.time() - started
+        release.set()
+        answered = await asyncio.gather(first, second)
+    assert third.status_code == 503
+    assert third.headers["Retry-After"] == "1"
+    assert third.json()["error"] == "queue_full"
+    assert elapsed < 0.5
+    assert [r.status_code for r in answered] == [200, 200]
+
+
+async def test_deadline_gives_504_and_the_batcher_survives(running) -> None:
+    async with running(deadline_ms=150, max_wait_ms=1) as (client, state):
+        release = block_model_thread(state)
+        late = await client.post("/route", json=post("late"))
+        release.set()
+        await asyncio.sleep(0.05)
+        after = await client.post("/route", json=post("after"))
+        text = (await client.get("/metrics")).text
+    assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
+    assert after.status_code == 200
+    assert sample(text, "radar_rejected_total", {"reason": "deadline"}) >= 1
+
+
+async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:
+    async with running(max_batch_size=4, max_wait_ms=5) as (client, state):
+        release = block_model_thread(state)
+        quitters = [asyncio.create_task(client.post("/route", json=post(f"q{i}")))
+                    for i in range(20)]
+        await asyncio.sleep(0.1)
+        for task in quitters:
+            task.cancel()
+        await asyncio.gather(*quitters, return_exceptions=True)
+        release.set()
+        responses = await asyncio.gather(
+            *(client.post("/route", json=post(f"n{i}")) for i in range(6))
+        )
+        assert state.batcher.alive
+    assert [r.status_code for r in responses] == [200] * 6

@@ -1,0 +1,97 @@
+"""The thresholds file: schema, validation against a model, reload semantics."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.thresholds import ThresholdsError, ThresholdsStore, load_thresholds, parse_thresholds
+
+CATEGORIES = ("lqc", "rcs", "fe")
+
+
+def write(path: Path, doc: object) -> None:
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+
+
+def valid_doc(version: str = "v1", tau: float = 0.5, model: str = "m1") -> dict:
+    return {
+        "version": version,
+        "model_version": model,
+        "categories": {c: {"tau": tau} for c in CATEGORIES},
+        "calibration": {"recall": 0.9, "data": "sha256:abc"},
+    }
+
+
+def test_valid_file_loads_in_category_order(tmp_path: Path) -> None:
+    doc = valid_doc()
+    doc["categories"] = {"fe": {"tau": 0.1}, "lqc": {"tau": 0.2}, "rcs": {"tau": 0.3}}
+    write(tmp_path / "t.yaml", doc)
+    active = load_thresholds(tmp_path / "t.yaml", CATEGORIES, "m1")
+    assert list(active.taus) == list(CATEGORIES)
+    assert active.taus == {"lqc": 0.2, "rcs": 0.3, "fe": 0.1}
+    assert active.dispatch({"lqc": 0.25, "rcs": 0.3, "fe": 0.9}) == ["lqc", "fe"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: d["categories"].pop("fe"), "categories"),
+        (lambda d: d["categories"].update(spam={"tau": 0.5}), "categories"),
+        (lambda d: d.update(model_version="other"), "model_version"),
+        (lambda d: d["categories"]["lqc"].update(tau=1.5), "schema"),
+        (lambda d: d["categories"]["lqc"].update(tau=-0.1), "schema"),
+        (lambda d: d["categories"]["lqc"].update(tua=0.5), "schema"),
+        (lambda d: d.pop("version"), "schema"),
+    ],
+)
+def test_invalid_files_are_refused_with_a_reason(tmp_path: Path, mutate, reason: str) -> None:
+    doc = valid_doc()
+    mutate(doc)
+    write(tmp_path / "t.yaml", doc)
+    with pytest.raises(ThresholdsError) as caught:
+        load_thresholds(tmp_path / "t.yaml", CATEGORIES, "m1")
+    assert caught.value.reason == reason
+    assert "t.yaml" in str(caught.value)
+
+
+def test_broken_yaml_and_non_mapping() -> None:
+    with pytest.raises(ThresholdsError) as caught:
+        parse_thresholds(b"version: [unclosed")
+    assert caught.value.reason == "yaml"
+    with pytest.raises(ThresholdsError) as caught:
+        parse_thresholds(b"- a list")
+    assert caught.value.reason == "schema"
+
+
+def test_store_keeps_the_old_version_when_a_reload_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    write(path, valid_doc("v1"))
+    store = ThresholdsStore(path, CATEGORIES, "m1")
+    assert store.reload().status == "changed"
+    write(path, "version: v2\ncategories: {lqc: {tau: 0.5}")  # half-written
+    result = store.reload()
+    assert (result.status, result.reason) == ("refused", "yaml")
+    assert store.active is not None and store.active.version == "v1"
+    write(path, valid_doc("v2", tau=0.7))
+    assert store.reload().status == "changed"
+    assert store.active.version == "v2" and store.active.taus["fe"] == 0.7
+    assert store.reload().status == "unchanged"
+
+
+def test_missing_file_is_refused_as_unreadable(tmp_path: Path) -> None:
+    store = ThresholdsStore(tmp_path / "absent.yaml", CATEGORIES, "m1")
+    result = store.reload()
+    assert (result.status, result.reason, result.active) == ("refused", "unreadable", None)
+
+
+def test_poll_reloads_only_after_a_change(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    write(path, valid_doc("v1"))
+    store = ThresholdsStore(path, CATEGORIES, "m1")
+    assert store.reload_if_modified() is not None
+    assert store.reload_if_modified() is None
+    write(path, valid_doc("v2-longer-name"))
+    result = store.reload_if_modified()
+    assert result is not None and result.active is not None
+    assert result.active.version == "v2-longer-name"
