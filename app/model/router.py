@@ -77,8 +77,16 @@ class Router(nn.Module):
 
     @torch.inference_mode()
     def predict_proba(self, posts: Sequence[Post]) -> torch.Tensor:
-        """`p_k = sigmoid(logit_k)`, `[batch, K]` on the CPU; for serving and evaluation."""
-        return torch.sigmoid(self.forward(self.build_inputs(posts))).cpu()
+        """`p_k = sigmoid(logit_k)`, `[batch, K]` on the CPU; for serving and evaluation.
+
+        Always in eval mode (no dropout), whatever mode the router is in; the mode is restored.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.sigmoid(self.forward(self.build_inputs(posts))).cpu()
+        finally:
+            self.train(was_training)
 
     def place(self, device: torch.device | str) -> "Router":
         """Move to `device`: a CUDA backbone runs in bf16, the CPU in float32; heads in fp32."""

@@ -127,8 +127,9 @@ def _load_head(router: Router, path: Path) -> None:
     for key, tensor in saved.items():
         if tensor.shape != expected[key].shape:
             raise ModelStoreError(
-                path, f"{key} has shape {tuple(tensor.shape)}, router.json implies "
-                f"{tuple(expected[key].shape)}"
+                path,
+                f"{key} has shape {tuple(tensor.shape)}, router.json implies "
+                f"{tuple(expected[key].shape)}",
             )
     with torch.no_grad():
         router.mlp.load_state_dict(_strip(saved, "mlp."))

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random Qwen3-VL router store, and small random RGB images."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.model.tiny import make_tiny_router
+
+# Varied aspect ratios and sizes: below min_pixels, above max_pixels, wide, tall, square.
+IMAGE_SIZES = ((40, 30), (100, 50), (20, 20), (64, 64), (30, 90), (128, 96), (50, 50))
+
+ImageFactory = Callable[..., tuple[Image.Image, ...]]
+
+
+def random_images(count: int, seed: int = 0) -> tuple[Image.Image, ...]:
+    """`count` random RGB images cycling through `IMAGE_SIZES` (width, height)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in range(count):
+        width, height = IMAGE_SIZES[(index + seed) % len(IMAGE_SIZES)]
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        images.append(Image.fromarray(pixels))
+    return tuple(images)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-VL router in the model-store layout (built once per session).
+
+    Treat it as read-only; tests that break files copy it first.
+    """
+    return make_tiny_router(tmp_path_factory.mktemp("tiny_store") / "router")
+
+
+@pytest.fixture
+def make_images() -> ImageFactory:
+    """A factory of small random RGB PIL images of varied sizes: `make_images(n, seed=0)`."""
+    return random_images
