@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import PreTrainedTokenizerBase, Qwen3VLModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.model.backbones.qwen3_vl import Qwen3VLBackbone  # noqa: E402
-from app.model.config import BackboneConfig, RouterConfig  # noqa: E402
-from app.model.post import Post  # noqa: E402
-from app.model.router import Router  # noqa: E402
-from app.model.store import load_router  # noqa: E402
-from app.model.tiny import build_tokenizer, make_tiny_router  # noqa: E402
+from app.model.backbones.qwen3_vl import Qwen3VLBackbone
+from app.model.config import BackboneConfig, RouterConfig
+from app.model.post import Post
+from app.model.router import Router
+from app.model.store import load_router
+from app.model.tiny import build_tokenizer, make_tiny_router
 
 ATTN = "sdpa"
 H200_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s of an H100/H200 SXM (NVIDIA datasheet)
@@ -101,35 +102,76 @@ def parity(report: dict) -> None:
         report["tiny_cuda_bf16_vs_cpu_fp32_maxdiff"] = float((cpu - gpu).abs().max())
 
 
-def qwen3_vl_4b_config(tokenizer, small: bool) -> dict:
+def qwen3_vl_4b_config(tokenizer: PreTrainedTokenizerBase, small: bool) -> dict:
     """Qwen3-VL-4B-Instruct's shape; token ids are the stand-in tokenizer's."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")}
-    text = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, max_position_embeddings=262144, pad_token_id=0,
-                rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                                 "mrope_section": [24, 20, 20], "mrope_interleaved": True})
-    vision = dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
-                  out_hidden_size=2560, patch_size=16, spatial_merge_size=2,
-                  temporal_patch_size=2, num_position_embeddings=2304,
-                  deepstack_visual_indexes=[5, 11, 17])
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    }
+    text = dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=262144,
+        pad_token_id=0,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    )
+    vision = dict(
+        depth=24,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_heads=16,
+        out_hidden_size=2560,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[5, 11, 17],
+    )
     if small:
-        text.update(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                    rope_parameters={**text["rope_parameters"], "mrope_section": [4, 6, 6]})
-        vision.update(depth=2, hidden_size=64, intermediate_size=128, num_heads=2,
-                      out_hidden_size=128, deepstack_visual_indexes=[0])
-    return dict(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
+        text.update(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_parameters={**text["rope_parameters"], "mrope_section": [4, 6, 6]},
+        )
+        vision.update(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            deepstack_visual_indexes=[0],
+        )
+    return dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
 
 
-def forward_flops(model, inputs: dict) -> float:
+def forward_flops(model: Qwen3VLModel, inputs: dict) -> float:
     """2·N per token for the matmuls plus 4·L·d·s per token for attention (PaLM's count)."""
     text_cfg, vis_cfg = model.config.text_config, model.config.vision_config
-    lm_params = sum(p.numel() for n, p in model.language_model.named_parameters()
-                    if "embed_tokens" not in n)
+    lm_params = sum(
+        p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n
+    )
     vis_params = sum(p.numel() for p in model.visual.parameters())
     lengths = inputs["attention_mask"].sum(1).double()
     flops = 2 * lm_params * lengths.sum()
@@ -142,7 +184,7 @@ def forward_flops(model, inputs: dict) -> float:
     return float(flops)
 
 
-def time_vision(model, inputs: dict, reps: int, device: torch.device) -> float:
+def time_vision(model: Qwen3VLModel, inputs: dict, reps: int, device: torch.device) -> float:
     """Seconds per call of the vision tower alone (the rest of the forward is the LM)."""
     pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     model.get_image_features(pixels, grid)
@@ -172,22 +214,45 @@ def benchmark_4b(report: dict, small: bool) -> None:
     model.eval()
     report["init_s"] = round(time.perf_counter() - started, 1)
     report["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
-    processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                         image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Qwen2VLImageProcessorPil(
+        patch_size=16,
+        merge_size=2,
+        temporal_patch_size=2,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     bconfig = BackboneConfig(family="qwen3_vl", path="-", max_text_tokens=512, max_images=3)
     backbone = Qwen3VLBackbone(bconfig, model, tokenizer, processor)
-    router = Router(RouterConfig(model_version="bench-4b", categories=("lqc", "rcs", "fe"),
-                                 backbone=bconfig, lora=None), backbone).place(device).eval()
+    router = (
+        Router(
+            RouterConfig(
+                model_version="bench-4b",
+                categories=("lqc", "rcs", "fe"),
+                backbone=bconfig,
+                lora=None,
+            ),
+            backbone,
+        )
+        .place(device)
+        .eval()
+    )
     side = (256, 192) if small else (512, 384)
     rows = []
-    for batch in ((2,) if small else (8, 16, 32)):
-        posts = [Post(title=f"post {i}: buy cheap followers today", ocr_text=OCR,
-                      images=images(3, side, i)) for i in range(batch)]
+    for batch in (2,) if small else (8, 16, 32):
+        posts = [
+            Post(
+                title=f"post {i}: buy cheap followers today",
+                ocr_text=OCR,
+                images=images(3, side, i),
+            )
+            for i in range(batch)
+        ]
         t0 = time.perf_counter()
         cpu_inputs = router.build_inputs(posts)
         preprocess_s = time.perf_counter() - t0
-        inputs = backbone.prepare_for_device({k: v.pin_memory() if device.type == "cuda" else v
-                                              for k, v in cpu_inputs.items()})
+        inputs = backbone.prepare_for_device(
+            {k: v.pin_memory() if device.type == "cuda" else v for k, v in cpu_inputs.items()}
+        )
         flops = forward_flops(model, inputs)
         tokens = int(inputs["attention_mask"].sum())
         with torch.inference_mode():
@@ -203,15 +268,20 @@ def benchmark_4b(report: dict, small: bool) -> None:
                 torch.cuda.synchronize()
             per = (time.perf_counter() - t0) / reps
             vision_s = time_vision(model, inputs, reps, device) if "pixel_values" in inputs else 0
-        rows.append({
-            "batch": batch, "tokens_per_post": tokens / batch, "forward_ms": round(per * 1e3, 1),
-            "posts_per_s": round(batch / per, 1), "tokens_per_s": round(tokens / per),
-            "tflops": round(flops / per / 1e12, 1),
-            "mfu": round(flops / per / H200_BF16_PEAK, 3), "preprocess_ms": round(
-                preprocess_s * 1e3, 1),
-            "preprocess_posts_per_s": round(batch / preprocess_s, 1),
-            "vision_tower_ms": round(vision_s * 1e3, 1),
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "tokens_per_post": tokens / batch,
+                "forward_ms": round(per * 1e3, 1),
+                "posts_per_s": round(batch / per, 1),
+                "tokens_per_s": round(tokens / per),
+                "tflops": round(flops / per / 1e12, 1),
+                "mfu": round(flops / per / H200_BF16_PEAK, 3),
+                "preprocess_ms": round(preprocess_s * 1e3, 1),
+                "preprocess_posts_per_s": round(batch / preprocess_s, 1),
+                "vision_tower_ms": round(vision_s * 1e3, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     report["forward"] = rows
     if device.type == "cuda":
