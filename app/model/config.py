@@ -2,7 +2,7 @@
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -29,10 +29,20 @@ class BackboneConfig(_Strict):
     image_path: str | None = Field(
         default=None, description="dual encoder only: the image encoder's weights"
     )
-    pooling: Pooling = "last_token"
+    # Left out or null, it takes the family's own (see `_family_pooling`).
+    pooling: Pooling = Field(description="last_token for a decoder VLM, mean for encoders")
     max_text_tokens: int = Field(default=256, ge=8, le=32768)
     max_images: int = Field(default=4, ge=0, le=64)
     image_size: int = Field(default=224, ge=32, le=1024, description="encoder image side")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_pooling(cls, data: Any) -> Any:
+        # MiniLM was trained with mean pooling; its last token is [SEP]. A decoder's is the
+        # only token that has seen the whole post.
+        if isinstance(data, dict) and data.get("pooling") is None and "family" in data:
+            data = {**data, "pooling": "last_token" if data["family"] == "qwen3_vl" else "mean"}
+        return data
 
     @model_validator(mode="after")
     def _check_family(self) -> "BackboneConfig":
@@ -51,7 +61,11 @@ class HeadConfig(_Strict):
 
 
 class LoraSettings(_Strict):
-    """LoRA on the backbone through peft (paper: rank 128, alpha 256)."""
+    """LoRA on the backbone through peft (paper: rank 128, alpha 256).
+
+    A router whose `lora` is null keeps its backbone frozen: the store saves no backbone
+    weights, only the MLP, heads and extras.
+    """
 
     r: int = Field(default=128, ge=1)
     alpha: int = Field(default=256, ge=1)

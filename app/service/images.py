@@ -17,6 +17,10 @@ from app.service.errors import BadPostError
 from app.service.settings import Settings
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class ImageLoader:
     """Decodes and fetches images for one service; shares one HTTP client."""
 
@@ -72,8 +76,10 @@ class ImageLoader:
             raise BadPostError(post_id, field, f"host {host!r} is not on the allowlist")
         try:
             raw = await self._download(url)
+        except _TooLarge:
+            raise BadPostError(post_id, field, "image larger than the byte limit") from None
         except httpx.HTTPError as exc:
-            raise BadPostError(post_id, field, f"fetch failed: {type(exc).__name__}") from None
+            raise BadPostError(post_id, field, f"fetch failed: {exc}") from None
         return self.decode_bytes(post_id, field, raw)
 
     async def _download(self, url: str) -> bytes:
@@ -81,14 +87,13 @@ class ImageLoader:
         limit = self.settings.max_image_bytes
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
-                raise httpx.HTTPStatusError(
-                    f"status {response.status_code}", request=response.request, response=response
-                )
+                # Redirects (3xx) land here too: they are never followed.
+                raise httpx.HTTPError(f"HTTP status {response.status_code}")
             chunks, size = [], 0
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
-                if size > limit:
-                    raise httpx.HTTPError("image larger than the byte limit")
+                if size > limit:  # stop reading: never hold more than the limit
+                    raise _TooLarge
                 chunks.append(chunk)
         return b"".join(chunks)
 

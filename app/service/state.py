@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from app.model.post import Post
 from app.model.router import Router
@@ -49,6 +50,8 @@ class ServiceState:
         """Load the model (a broken store raises and stops start-up), thresholds, warm up."""
         s = self.settings
         device = pick_device(s.device)
+        # Loading bars from transformers would only clutter the service log.
+        transformers_logging.disable_progress_bar()
         self.not_ready_reason = "loading model"
         self.router = await asyncio.to_thread(load_router, s.model_dir, device)
         self.engine = RouterEngine(self.router)

@@ -79,8 +79,9 @@ async def test_deadline_gives_504_and_the_batcher_survives(running) -> None:
 async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:
     async with running(max_batch_size=4, max_wait_ms=5) as (client, state):
         release = block_model_thread(state)
-        quitters = [asyncio.create_task(client.post("/route", json=post(f"q{i}")))
-                    for i in range(20)]
+        quitters = [
+            asyncio.create_task(client.post("/route", json=post(f"q{i}"))) for i in range(20)
+        ]
         await asyncio.sleep(0.1)
         for task in quitters:
             task.cancel()

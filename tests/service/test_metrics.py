@@ -9,18 +9,30 @@ from tests.service.test_batching import sample
 async def test_metrics_parse_and_count_decisions(running, tiny_store, thresholds_path) -> None:
     names = categories_of(tiny_store)
     # First category always dispatched, the others never: the counts are then exact.
-    write_thresholds(thresholds_path, tiny_store, "v1", {names[0]: 0.0, names[1]: 1.0,
-                                                        names[2]: 1.0})
+    write_thresholds(
+        thresholds_path, tiny_store, "v1", {names[0]: 0.0, names[1]: 1.0, names[2]: 1.0}
+    )
     async with running() as (client, _):
         for i in range(3):
             await client.post("/route", json=post(f"m{i}"))
         text = (await client.get("/metrics")).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("radar_posts", "radar_decisions", "radar_auto_pass", "radar_fallback",
-                 "radar_thresholds_reload_failures", "radar_rejected"):
+    for name in (
+        "radar_posts",
+        "radar_decisions",
+        "radar_auto_pass",
+        "radar_fallback",
+        "radar_thresholds_reload_failures",
+        "radar_rejected",
+    ):
         assert families[name].type == "counter", name
-    for name in ("radar_request_duration_seconds", "radar_batch_size", "radar_score",
-                 "radar_queue_wait_seconds", "radar_forward_duration_seconds"):
+    for name in (
+        "radar_request_duration_seconds",
+        "radar_batch_size",
+        "radar_score",
+        "radar_queue_wait_seconds",
+        "radar_forward_duration_seconds",
+    ):
         assert families[name].type == "histogram", name
     assert families["radar_queue_depth"].type == "gauge"
     assert sample(text, "radar_posts_total") == 3

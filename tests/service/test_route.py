@@ -42,8 +42,9 @@ async def test_batch_answers_in_order_and_matches_single_posts(running) -> None:
 
 async def test_dispatch_follows_each_categorys_threshold(running, tiny_store, thresholds_path):
     names = categories_of(tiny_store)
-    write_thresholds(thresholds_path, tiny_store, "mixed", {names[0]: 0.0, names[1]: 1.0,
-                                                           names[2]: 1.0})
+    write_thresholds(
+        thresholds_path, tiny_store, "mixed", {names[0]: 0.0, names[1]: 1.0, names[2]: 1.0}
+    )
     async with running() as (client, _):
         body = (await client.post("/route", json=post("p"))).json()
     assert body["dispatch"] == [names[0]] and body["auto_pass"] is False
@@ -82,8 +83,9 @@ async def test_invalid_requests_are_422(running, body, status) -> None:
 
 async def test_limits_on_batch_size_and_body(running) -> None:
     async with running(max_posts_per_request=2, max_body_bytes=4096) as (client, _):
-        too_many = await client.post("/route/batch", json={"posts": [post(f"p{i}")
-                                                                     for i in range(3)]})
+        too_many = await client.post(
+            "/route/batch", json={"posts": [post(f"p{i}") for i in range(3)]}
+        )
         duplicate = await client.post("/route/batch", json={"posts": [post("a"), post("a")]})
         huge = await client.post("/route", json=post("big", "x" * 5000))
     assert too_many.status_code == 413 and too_many.json()["error"] == "too_many_posts"

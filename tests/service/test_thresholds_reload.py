@@ -65,8 +65,12 @@ async def test_admin_reload_applies_a_new_file_at_once(running, tiny_store, thre
         )
         body = (await client.post("/route", json=post("p"))).json()
     assert response.status_code == 200
-    assert response.json() == {"status": "changed", "thresholds_version": "v2", "reason": None,
-                               "message": ""}
+    assert response.json() == {
+        "status": "changed",
+        "thresholds_version": "v2",
+        "reason": None,
+        "message": "",
+    }
     assert body["thresholds_version"] == "v2" and body["auto_pass"] is True
 
 
