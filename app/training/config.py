@@ -1,0 +1,49 @@
+"""Every knob of a training run, validated; saved beside each checkpoint and the final router."""
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    """One training run (`radar train` / `radar train-expert`); defaults follow the paper."""
+
+    # `model_*` field names are ours here, not pydantic's.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    data: Path = Field(description="training JSONL (DESIGN.md's format)")
+    val: Path | None = Field(default=None, description="validation JSONL")
+    model_config_path: Path = Field(description="router.json to start from (fresh LoRA + heads)")
+    out: Path = Field(description="model-store directory to write")
+    categories: tuple[str, ...] | None = Field(
+        default=None, description="override the config's categories (an expert has one)"
+    )
+    model_version: str | None = Field(default=None, description="default: from the out dir")
+
+    lam: float = Field(default=0.5, ge=0.0, le=1.0, description="distillation weight λ")
+    use_mask: bool = Field(default=True, description="False: the 'BCE w/o mask' baseline")
+    lr: float = Field(default=1e-5, gt=0.0, description="AdamW learning rate (backbone, LoRA)")
+    head_lr: float | None = Field(default=None, gt=0.0, description="MLP + heads; default lr")
+    weight_decay: float = Field(default=0.01, ge=0.0)
+    warmup_ratio: float = Field(default=0.2, ge=0.0, lt=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    batch_size: int = Field(default=32, ge=1, description="per process, per micro-step")
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; caps epochs")
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    log_every: int = Field(default=10, ge=1, description="optimizer steps between log lines")
+    eval_every: int | None = Field(default=None, ge=1, description="default: once at the end")
+    checkpoint_every: int | None = Field(default=None, ge=1, description="optimizer steps")
+    resume: Path | None = Field(default=None, description="a checkpoint directory to continue")
+    skip_bad: bool = Field(default=False, description="skip and count bad data lines")
+    record_seen: bool = Field(default=False, description="write the post ids each rank saw")
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.categories is not None and len(set(self.categories)) != len(self.categories):
+            raise ValueError("categories repeat")
+        return self
