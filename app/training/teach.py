@@ -80,7 +80,7 @@ def teach(
         ) as bar,
     ):
         for batch in _batches(records, done, batch_size):
-            handle.write(score_batch(experts, batch))
+            handle.write(score_batch(experts, batch, out.parent))
             handle.flush()  # a crash loses at most the batch in flight
             bar.update(len(batch))
         os.fsync(handle.fileno())
@@ -119,8 +119,12 @@ def load_experts(expert_dirs: Sequence[Path], device: torch.device | str) -> dic
     return experts
 
 
-def score_batch(experts: dict[str, Router], batch: Sequence[LoadedRecord]) -> bytes:
-    """The output lines of `batch`: each input line with its `teacher` merged."""
+def score_batch(experts: dict[str, Router], batch: Sequence[LoadedRecord], out_dir: Path) -> bytes:
+    """The output lines of `batch`: each input line with its `teacher` merged.
+
+    Relative image paths are rewritten relative to `out_dir`, where the output file lives, so
+    they still point at the same files.
+    """
     posts = [load_post(item) for item in batch]
     scores = {name: expert.predict_proba(posts)[:, 0].tolist() for name, expert in experts.items()}
     lines = []
@@ -131,8 +135,14 @@ def score_batch(experts: dict[str, Router], batch: Sequence[LoadedRecord]) -> by
         teacher = dict(fields.get("teacher") or {})
         teacher.update({name: values[row] for name, values in scores.items()})
         fields["teacher"] = teacher
+        if fields.get("images"):
+            fields["images"] = [_relative_to(out_dir, path) for path in item.image_paths]
         lines.append(json.dumps(fields, ensure_ascii=False) + "\n")
     return "".join(lines).encode("utf-8")
+
+
+def _relative_to(directory: Path, path: Path) -> str:
+    return os.path.relpath(path.resolve(), directory.resolve())
 
 
 def resume_point(

@@ -75,6 +75,10 @@ def test_teacher_values_are_the_experts_probabilities(experts, data: Path, tmp_p
         old_teacher = before.pop("teacher", {})
         teacher = after["teacher"]
         rest = {key: value for key, value in after.items() if key != "teacher"}
+        # Image paths are rewritten relative to the output file: the same files.
+        old_images = [(data.parent / p).resolve() for p in before.pop("images", [])]
+        new_images = [(out.parent / p).resolve() for p in rest.pop("images", [])]
+        assert new_images == old_images
         assert rest == before and list(rest) == list(before)  # labels etc. untouched, in order
         assert set(teacher) == {"lqc", "rcs"} | set(old_teacher)
     assert outputs[1]["teacher"]["fe"] == 0.25  # another category's teacher value kept

@@ -221,7 +221,10 @@ class DualEncoderBackbone(Backbone):
         no_image = self.extras["no_image"]
         if "pixel_values" not in inputs:
             return no_image.unsqueeze(0).expand(batch, -1)
-        features = self.image_encoder(inputs["pixel_values"])
+        frozen = not any(p.requires_grad for p in self.image_encoder.parameters())
+        # A frozen image encoder (the LoRA case) needs no autograd graph: less memory and time.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            features = self.image_encoder(inputs["pixel_values"])
         owners = inputs["image_post_index"]
         sums = features.new_zeros(batch, features.shape[1]).index_add(0, owners, features)
         counts = torch.bincount(owners, minlength=batch).unsqueeze(1)
