@@ -3,6 +3,7 @@
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -182,6 +183,81 @@ def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> Non
     )
 
 
+def _quiet_loading() -> None:
+    """Only our scoring bar: transformers' per-shard loading bars are noise in a CLI."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from app.evaluation.evaluate import evaluate_model
+    from app.evaluation.report import render_text, write_report
+    from app.thresholds import ThresholdsError
+
+    _quiet_loading()
+    try:
+        evaluation = evaluate_model(
+            args.model,
+            args.data,
+            thresholds=args.thresholds,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+            command=args.command_line,
+        )
+    except ThresholdsError as exc:
+        print(f"radar evaluate: thresholds refused ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
+    print(render_text(evaluation))
+    # runs/ is git-ignored: a report never lands in a committed model store by default.
+    out = args.out or Path("runs") / "eval" / args.model.resolve().name / args.data.stem
+    written = write_report(evaluation, out)
+    print(f"\nreport written to {out}/ ({len(written)} files: report.md, report.json, plots)")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from app.evaluation.calibrate import calibrate_model, parse_overrides
+    from app.evaluation.report import render_calibration
+
+    _quiet_loading()
+    result = calibrate_model(
+        args.model,
+        args.data,
+        args.out,
+        recall=args.recall,
+        per_category=parse_overrides(args.recall_per_category),
+        version=args.version,
+        min_positives=args.min_positives,
+        allow_few_positives=args.allow_few_positives,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        command=args.command_line,
+    )
+    print(render_calibration(result))
+    for c in result.categories:
+        if c.note:
+            print(f"radar calibrate: warning: {c.category}: {c.note}", file=sys.stderr)
+    return 0
+
+
+def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    """--model, --data and how to run the router: shared by evaluate and calibrate."""
+    parser.add_argument(
+        "--model", type=Path, required=True, help="model-store directory (model_store/NAME)"
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="labelled JSONL (the training-data format)"
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or auto (CUDA when present, bf16) (cpu)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="radar", description="RADAR: risk-aware router for content moderation."
@@ -262,11 +338,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
     teach.add_argument("--no-progress", action="store_true", help="no progress bar")
     teach.set_defaults(handler=_teach)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="PR-AUC, R@P60, APR@R90/95 per category on a labelled JSONL; plots",
+        description="Score DATA with the router and report, per category on its own annotated "
+        "samples, PR-AUC (average precision), R@P60, APR@R90 and APR@R95 beside the random "
+        "floor (1 - R) and the oracle ceiling; prints a table and writes report.md, "
+        "report.json and PR / APR-vs-recall PNGs. With --thresholds, also the recall (95%% "
+        "bootstrap interval) and auto-pass rates those taus realise on DATA.",
+    )
+    _add_scoring_flags(evaluate)
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        help="report directory (default: runs/eval/<model dir name>/<data file stem>)",
+    )
+    evaluate.add_argument(
+        "--thresholds", type=Path, help="thresholds YAML to check on DATA (must fit the model)"
+    )
+    evaluate.set_defaults(handler=_evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="write a thresholds YAML: per category the highest tau keeping recall >= R",
+        description="Score DATA (a validation split) with the router and pick, per category, "
+        "the highest tau whose recall on its annotated samples is still >= the target; write "
+        "the thresholds file the service reads (atomically), with provenance.",
+    )
+    _add_scoring_flags(calibrate)
+    calibrate.add_argument(
+        "--recall", type=float, required=True, help="recall target of every category, e.g. 0.9"
+    )
+    calibrate.add_argument(
+        "--recall-per-category",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="CATEGORY=R",
+        help="override the target of some categories, e.g. fe=0.95",
+    )
+    calibrate.add_argument(
+        "--out", type=Path, required=True, help="thresholds YAML to write (thresholds/NAME.yaml)"
+    )
+    calibrate.add_argument(
+        "--version", help="the file's version string (default: <model_version>@<UTC time>)"
+    )
+    calibrate.add_argument(
+        "--min-positives",
+        type=int,
+        default=20,
+        help="refuse a category with fewer positives (also needs >= 1/(1-R)) (20)",
+    )
+    calibrate.add_argument(
+        "--allow-few-positives",
+        action="store_true",
+        help="write thresholds even for categories with too few positives (noted in the file)",
+    )
+    calibrate.set_defaults(handler=_calibrate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Provenance for reports and thresholds files: the command as typed.
+    args.command_line = shlex.join(["radar", *(sys.argv[1:] if argv is None else argv)])
     handler: Handler = args.handler
     from app.training.data import DataError
     from app.training.teach import TeachError

@@ -10,6 +10,7 @@ Layout (DESIGN.md):
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.model.backbones import load_backbone
-from app.model.config import RouterConfig
+from app.model.config import PACKAGE_PREFIX, RouterConfig, resolve_path
 from app.model.errors import ModelStoreError
 from app.model.router import Router, wrap_with_lora
 
@@ -35,7 +36,11 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 def read_config(store_dir: Path) -> RouterConfig:
     """Parse and validate `router.json`; errors name the file and the problem."""
-    path = Path(store_dir) / CONFIG_FILE
+    return read_config_file(Path(store_dir) / CONFIG_FILE)
+
+
+def read_config_file(path: Path) -> RouterConfig:
+    """Parse and validate a router config JSON (a store's router.json or a training config)."""
     if not path.is_file():
         raise ModelStoreError(path, "missing (is this a model-store directory?)")
     try:
@@ -50,6 +55,36 @@ def read_config(store_dir: Path) -> RouterConfig:
 def write_config(config: RouterConfig, store_dir: Path) -> None:
     path = Path(store_dir) / CONFIG_FILE
     path.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+
+
+def relocate_config(config: RouterConfig, from_dir: Path, to_dir: Path) -> RouterConfig:
+    """The same config with relative backbone paths rewritten to work from `to_dir`."""
+    backbone = config.backbone
+    paths = {"path": _relocate(backbone.path, from_dir, to_dir)}
+    if backbone.image_path is not None:
+        paths["image_path"] = _relocate(backbone.image_path, from_dir, to_dir)
+    return config.model_copy(update={"backbone": backbone.model_copy(update=paths)})
+
+
+def _relocate(reference: str, from_dir: Path, to_dir: Path) -> str:
+    if reference.startswith(PACKAGE_PREFIX) or Path(reference).is_absolute():
+        return reference
+    absolute = resolve_path(reference, from_dir).resolve()
+    return os.path.relpath(absolute, Path(to_dir).resolve())
+
+
+def copy_router(source: Path | str, target: Path | str, extra_files: tuple[str, ...] = ()) -> Path:
+    """Copy a saved router (config, adapter, head, plus `extra_files`) to `target`."""
+    source, target = Path(source), Path(target)
+    config = read_config(source)
+    target.mkdir(parents=True, exist_ok=True)
+    write_config(relocate_config(config, source, target), target)
+    for name in (HEAD_FILE, *extra_files):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    if (source / ADAPTER_DIR).is_dir():
+        shutil.copytree(source / ADAPTER_DIR, target / ADAPTER_DIR, dirs_exist_ok=True)
+    return target
 
 
 def head_state(router: Router) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """The pieces the training loop is made of: start-up, data, optimiser, validation, logging."""
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from app.evaluation.metrics import evaluate_scores
-from app.model.config import PACKAGE_PREFIX, RouterConfig, resolve_path
+from app.model.config import RouterConfig
 from app.model.router import Router
-from app.model.store import new_router
+from app.model.store import new_router, read_config_file, relocate_config
 from app.training.config import TrainConfig
 from app.training.data import (
     PostDataset,
@@ -69,25 +68,15 @@ def start_router(cfg: TrainConfig) -> Router:
     source = cfg.model_config_path
     if source.is_dir():
         source = source / "router.json"
-    config = RouterConfig.model_validate_json(source.read_bytes())
-    backbone = config.backbone
-    paths = {"path": _relocate(backbone.path, source.parent, cfg.out)}
-    if backbone.image_path is not None:
-        paths["image_path"] = _relocate(backbone.image_path, source.parent, cfg.out)
-    updates: dict[str, Any] = {"backbone": backbone.model_copy(update=paths)}
+    config = read_config_file(source)
+    config = relocate_config(config, source.parent, cfg.out)
+    updates: dict[str, Any] = {}
     if cfg.categories:
         updates["categories"] = tuple(cfg.categories)
     updates["model_version"] = cfg.model_version or cfg.out.resolve().name
     config = RouterConfig.model_validate(config.model_copy(update=updates).model_dump())
     cfg.out.mkdir(parents=True, exist_ok=True)  # relative paths walk through it
     return new_router(config, cfg.out)
-
-
-def _relocate(reference: str, from_dir: Path, to_dir: Path) -> str:
-    if reference.startswith(PACKAGE_PREFIX) or Path(reference).is_absolute():
-        return reference
-    absolute = resolve_path(reference, from_dir).resolve()
-    return os.path.relpath(absolute, to_dir.resolve())
 
 
 def build_optimizer(router: Router, cfg: TrainConfig) -> torch.optim.AdamW:

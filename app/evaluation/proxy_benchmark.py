@@ -1,0 +1,236 @@
+"""The proxy benchmark: the paper's Table 2 rows and λ sweep, rebuilt on public data.
+
+One command, from scratch (data build → experts → teacher scores → routers → evaluation →
+calibration → docs/results.md):
+
+    python -m app.evaluation.proxy_benchmark --out runs/proxy
+
+Rows, all on the MiniLM + EfficientNet-Lite0 dual encoder (real weights): the per-category
+experts (K = 1 each, on their own pipeline's samples), "BCE w/o mask", masked BCE (λ = 0),
+masked BCE + distillation (λ = 0.5, teachers = the experts), and λ ∈ {0.25, 0.75, 1}.
+"""
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.evaluation.evaluate import ScoredData, score_data
+from app.evaluation.metrics import evaluate_scores
+from app.evaluation.proxy_data import build_proxy_dataset
+from app.evaluation.proxy_results import ThresholdCheck, calibrate_and_check, write_results
+from app.model.store import copy_router
+from app.training.config import TrainConfig
+from app.training.teach import teach
+from app.training.trainer import train
+
+LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class Benchmark:
+    """Settings of one run and what it measured."""
+
+    out: Path
+    shared: Path
+    model_config: Path
+    seed: int
+    max_per_source: int
+    epochs: int
+    batch_size: int
+    lr: float
+    head_lr: float
+    timings: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    thresholds: dict[str, ThresholdCheck] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def timed(self, name: str, work: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = work()
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[{name}] {self.timings[name]:.0f} s", flush=True)
+        return result
+
+    def train_config(self, data: Path, out: Path, **extra: Any) -> TrainConfig:
+        return TrainConfig(
+            data=data,
+            val=self.out / "data" / "val.jsonl",
+            model_config_path=self.model_config,
+            out=out,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            head_lr=self.head_lr,
+            seed=self.seed,
+            log_every=20,
+            **extra,
+        )
+
+
+def run(bench: Benchmark) -> None:
+    """Every stage in order; the measurements land in `bench`."""
+    data = bench.out / "data"
+    manifest = bench.timed(
+        "data",
+        lambda: build_proxy_dataset(
+            bench.shared, data, seed=bench.seed, max_per_source=bench.max_per_source
+        ),
+    )
+    bench.manifest = manifest.model_dump(mode="json")
+    categories = tuple(manifest.categories)
+    experts = [bench.out / f"expert-{c}" for c in categories]
+    for category, directory in zip(categories, experts, strict=True):
+        bench.timed(
+            f"expert {category}",
+            lambda c=category, d=directory: train(
+                bench.train_config(
+                    data / "train.jsonl", d, categories=(c,), lam=0.0, model_version=f"expert-{c}"
+                )
+            ),
+        )
+    taught = data / "train.teach.jsonl"
+    bench.timed("teach", lambda: teach(experts, data / "train.jsonl", taught, progress=False))
+    routers = {"BCE w/o mask": bench.out / "router-nomask"}
+    routers |= {f"λ={lam:g}": bench.out / f"router-lambda{lam:g}" for lam in LAMBDAS}
+    for name, directory in routers.items():
+        lam = 0.0 if name == "BCE w/o mask" else float(name[2:])
+        source = taught if lam > 0 else data / "train.jsonl"
+        bench.timed(
+            f"train {name}",
+            lambda s=source, d=directory, lam=lam, n=name: train(
+                bench.train_config(
+                    s,
+                    d,
+                    lam=lam,
+                    use_mask=n != "BCE w/o mask",
+                    categories=categories,
+                    model_version=f"proxy-{d.name}",
+                )
+            ),
+        )
+    test = data / "test.jsonl"
+    bench.reports["experts"] = bench.timed(
+        "evaluate experts", lambda: _evaluate_experts(experts, test, categories, bench.batch_size)
+    )
+    scored: dict[str, ScoredData] = {}
+    for name, directory in routers.items():
+        scored[name] = bench.timed(
+            f"evaluate {name}", lambda d=directory: score_data(d, test, batch_size=bench.batch_size)
+        )
+        bench.reports[name] = _report(scored[name])
+    for recall in (0.90, 0.95):
+        bench.thresholds[f"{recall:.2f}"] = bench.timed(
+            f"calibrate R={recall}",
+            lambda r=recall: calibrate_and_check(
+                routers["λ=0.5"],
+                data / "val.jsonl",
+                scored["λ=0.5"],
+                r,
+                bench.out,
+                bench.batch_size,
+                seed=bench.seed,
+            ),
+        )
+
+
+def _report(scored: ScoredData) -> dict[str, Any]:
+    return evaluate_scores(scored.labels, scored.scores, scored.categories).to_dict()
+
+
+def _evaluate_experts(
+    experts: list[Path], data: Path, categories: tuple[str, ...], batch_size: int
+) -> dict[str, Any]:
+    """Each expert scores the test set; each category is judged on its own annotated posts."""
+    columns = [score_data(d, data, batch_size=batch_size) for d in experts]
+    labels = np.concatenate([c.labels for c in columns], axis=1)
+    scores = np.concatenate([c.scores for c in columns], axis=1)
+    return evaluate_scores(labels, scores, categories).to_dict()
+
+
+def ship(bench: Benchmark, model_store: Path, thresholds: Path) -> None:
+    """Copy the masked + distilled router (no checkpoints) and its R = 0.90 thresholds."""
+    if model_store.exists():
+        shutil.rmtree(model_store)
+    copy_router(
+        bench.out / "router-lambda0.5",
+        model_store,
+        extra_files=("training_config.json", "train_log.jsonl"),
+    )
+    shutil.copyfile(bench.thresholds["0.90"].path, thresholds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/proxy"), help="work directory")
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path("../shared/data"),
+        help="the public datasets (default ../shared/data)",
+    )
+    parser.add_argument(
+        "--model-config",
+        type=Path,
+        default=Path("configs/dual_minilm_effnetlite0.json"),
+        help="backbone config (default: MiniLM + EfficientNet-Lite0)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="data split and training seed (0)")
+    parser.add_argument(
+        "--max-per-source",
+        type=int,
+        default=1200,
+        help="posts kept per source dataset before splitting (1200)",
+    )
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per training run (1)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (32)")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=2e-4,
+        help="LoRA lr (2e-4: the paper's 1e-5 is for 800k samples)",
+    )
+    parser.add_argument("--head-lr", type=float, default=2e-3, help="MLP + heads lr (2e-3)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=Path("docs/results.md"),
+        help="where the results document goes",
+    )
+    parser.add_argument(
+        "--ship",
+        action="store_true",
+        help="copy the λ=0.5 router to model_store/proxy and its thresholds "
+        "to thresholds/proxy.yaml",
+    )
+    args = parser.parse_args(argv)
+    bench = Benchmark(
+        out=args.out,
+        shared=args.shared,
+        model_config=args.model_config,
+        seed=args.seed,
+        max_per_source=args.max_per_source,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        head_lr=args.head_lr,
+    )
+    started = time.perf_counter()
+    bench.timed("total", lambda: run(bench))
+    results = write_results(bench, args.results)
+    (args.out / "benchmark.json").write_text(
+        json.dumps({"timings": bench.timings, "reports": bench.reports}, indent=1, default=str)
+    )
+    if args.ship:
+        ship(bench, Path("model_store/proxy"), Path("thresholds/proxy.yaml"))
+    print(f"results in {results} ({time.perf_counter() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Calibration check and the results document of the proxy benchmark (docs/results.md)."""
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from app.evaluation.calibrate import CalibrationResult, calibrate_model
+from app.evaluation.evaluate import ScoredData, ThresholdsCheck, check_thresholds
+
+if TYPE_CHECKING:
+    from app.evaluation.proxy_benchmark import Benchmark
+
+# The paper's averages over its 3 categories (paper-notes.md): PR-AUC, R@P60, APR@R90, APR@R95.
+PAPER = {
+    "experts": ("individual experts (Qwen3-VL-8B)", 71.52, 70.35, 88.07, 79.38),
+    "BCE w/o mask": ("SigLIP2, BCE w/o mask", 44.66, 32.39, 62.20, 44.41),
+    "λ=0": ("SigLIP2, masked BCE", 56.38, 46.09, 73.22, 58.25),
+    "λ=0.5": ("Qwen3-VL-4B, masked + distill", 73.07, 70.64, 88.71, 80.78),
+}
+ROWS = {
+    "experts": "experts (K = 1 each)",
+    "BCE w/o mask": "BCE w/o mask",
+    "λ=0": "masked BCE",
+    "λ=0.5": "masked BCE + distill (λ = 0.5)",
+}
+METRICS = ("pr_auc", "r_at_p60", "apr_r90", "apr_r95")
+
+
+@dataclass(frozen=True)
+class ThresholdCheck:
+    """Thresholds calibrated on validation, then applied to the test split."""
+
+    recall: float
+    path: Path
+    calibration: CalibrationResult
+    test: ThresholdsCheck
+
+
+def calibrate_and_check(
+    model_dir: Path,
+    val: Path,
+    test_scores: ScoredData,
+    recall: float,
+    out_dir: Path,
+    batch_size: int,
+    seed: int,
+) -> ThresholdCheck:
+    """Calibrate on `val` for `recall`, then measure realised recall on the test scores."""
+    path = out_dir / f"thresholds-r{round(recall * 100)}.yaml"
+    # The proxy's validation split is small (toxic has ~15 positives): calibrate anyway, with
+    # the shortfall noted in the file, and judge the result by the realised test recall below.
+    result = calibrate_model(
+        model_dir,
+        val,
+        path,
+        recall=recall,
+        batch_size=batch_size,
+        version=f"proxy-r{round(recall * 100)}",
+        min_positives=10,
+        allow_few_positives=True,
+    )
+    taus = {c.category: c.tau for c in result.categories}
+    check = check_thresholds(
+        test_scores.labels,
+        test_scores.scores,
+        test_scores.categories,
+        taus,
+        version=result.version,
+        source=str(path),
+        seed=seed,
+    )
+    return ThresholdCheck(recall, path, result, check)
+
+
+def _pct(value: Any) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.2f}"
+
+
+def _pair(report: dict[str, Any], category: str | None, a: str, b: str) -> str:
+    values = report["averages"] if category is None else report["categories"][category]
+    return f"{_pct(values[a])} / {_pct(values[b])}"
+
+
+def _main_table(bench: "Benchmark", categories: list[str], a: str, b: str) -> list[str]:
+    head = "| rows | " + " | ".join(categories) + " | average | paper's average (setting) |"
+    lines = [head, "|" + "---|" * (len(categories) + 3)]
+    index = {"pr_auc": 1, "r_at_p60": 2, "apr_r90": 3, "apr_r95": 4}
+    for key, label in ROWS.items():
+        report = bench.reports[key]
+        cells = [_pair(report, c, a, b) for c in categories]
+        paper = PAPER[key]
+        lines.append(
+            f"| {label} | " + " | ".join(cells) + f" | **{_pair(report, None, a, b)}**"
+            f" | {paper[index[a]]:.2f} / {paper[index[b]]:.2f} ({paper[0]}) |"
+        )
+    return lines
+
+
+def _bounds_table(bench: "Benchmark", categories: list[str]) -> list[str]:
+    report = bench.reports["λ=0.5"]["categories"]
+    lines = ["| | " + " | ".join(categories) + " |", "|" + "---|" * (len(categories) + 1)]
+    lines.append(
+        "| random router floor (1 − R), R = 90 / 95 | "
+        + " | ".join("10.00 / 5.00" for _ in categories)
+        + " |"
+    )
+    lines.append(
+        "| oracle ceiling (share of annotated negatives) | "
+        + " | ".join(_pct(report[c]["oracle_apr"]) for c in categories)
+        + " |"
+    )
+    lines.append(
+        "| annotated / positive test posts | "
+        + " | ".join(f"{report[c]['n_annotated']} / {report[c]['n_positive']}" for c in categories)
+        + " |"
+    )
+    return lines
+
+
+def _sweep_table(bench: "Benchmark") -> list[str]:
+    lines = ["| λ | PR-AUC | R@P60 | APR@R90 | APR@R95 |", "|---|---|---|---|---|"]
+    for key in sorted((k for k in bench.reports if k.startswith("λ=")), key=lambda k: float(k[2:])):
+        averages = bench.reports[key]["averages"]
+        lines.append(f"| {key[2:]} | " + " | ".join(_pct(averages[m]) for m in METRICS) + " |")
+    return lines
+
+
+def _thresholds_table(bench: "Benchmark") -> list[str]:
+    lines = [
+        "| target recall | category | τ (from val) | test recall [95 % CI] | "
+        "test APR | share of all test posts passed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for check in bench.thresholds.values():
+        for name, c in check.test.categories.items():
+            lines.append(
+                f"| {check.recall:.2f} | {name} | {c.tau:.4f} | {_pct(c.recall)} "
+                f"[{_pct(c.recall_low)}, {_pct(c.recall_high)}] | {_pct(c.auto_pass_rate)} | "
+                f"{_pct(c.pass_share_all)} |"
+            )
+        lines.append(
+            f"| {check.recall:.2f} | **overall auto-pass (dispatched nowhere)** | | | | "
+            f"**{_pct(check.test.overall_auto_pass_rate)}** |"
+        )
+    return lines
+
+
+def _ordering(bench: "Benchmark") -> list[str]:
+    avg = {key: bench.reports[key]["averages"] for key in ROWS}
+    claims = [
+        ("no-mask < masked", "BCE w/o mask", "λ=0"),
+        ("masked < masked + distill", "λ=0", "λ=0.5"),
+        ("experts ≤ masked + distill router", "experts", "λ=0.5"),
+    ]
+    lines = []
+    for text, low, high in claims:
+        verdicts = [
+            f"{m}: {'holds' if avg[low][m] < avg[high][m] else 'does NOT hold'} "
+            f"({_pct(avg[low][m])} vs {_pct(avg[high][m])})"
+            for m in METRICS
+        ]
+        lines.append(f"- **{text}** — " + "; ".join(verdicts))
+    return lines
+
+
+def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> Path:
+    """docs/results.md: the command, sizes, timings, the four-row tables and the λ sweep."""
+    categories = list(bench.reports["λ=0.5"]["categories"])
+    sizes = bench.manifest.get("splits", {})
+    timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in bench.timings.items())
+    text = [
+        "# Proxy benchmark: the paper's method on public moderation data",
+        "",
+        "Made by `python -m app.evaluation.proxy_benchmark --out runs/proxy --ship` "
+        f"(seed {bench.seed}, `--max-per-source {bench.max_per_source}`, {bench.epochs} epoch(s), "
+        f"batch {bench.batch_size}, lr {bench.lr:g} for LoRA, {bench.head_lr:g} for MLP + heads, "
+        f"cosine schedule, 20 % warm-up) on {os.cpu_count()} CPU cores "
+        f"({platform.processor() or platform.machine()}). Backbone: "
+        f"`{bench.model_config}` (all-MiniLM-L6-v2 + EfficientNet-Lite0, real weights; "
+        "LoRA r 16 on the text encoder; 64 text tokens). Data: `docs/proxy_data.md`; "
+        f"split sizes {sizes}.",
+        "",
+        f"Time: {timing}.",
+        "",
+        "Percent; each category on its own annotated test posts (DESIGN.md, Metrics). "
+        "Paper figures are averages over its 3 industrial categories, for orientation only: "
+        "other data, other positives rates (ours 9–52 %, theirs 3–5 %), other backbones.",
+        "",
+        "## Detection: PR-AUC / R@P60",
+        "",
+        *_main_table(bench, categories, "pr_auc", "r_at_p60"),
+        "",
+        "## Traffic reduction: APR@R90 / APR@R95",
+        "",
+        *_main_table(bench, categories, "apr_r90", "apr_r95"),
+        "",
+        "Bounds for the APR columns (test split):",
+        "",
+        *_bounds_table(bench, categories),
+        "",
+        "## λ sweep (averages over categories; λ = 0 is masked BCE alone)",
+        "",
+        *_sweep_table(bench),
+        "",
+        "## Calibrated thresholds (τ from the validation split, measured on test)",
+        "",
+        *_thresholds_table(bench),
+        "",
+        "## Does our ordering match the paper's?",
+        "",
+        *_ordering(bench),
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+    return path

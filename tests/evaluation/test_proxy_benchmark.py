@@ -1,0 +1,53 @@
+"""The whole proxy benchmark, end to end, on the tiny Qwen3-VL backbone and a sliver of the
+real public data: every stage runs and docs/results.md-style output is written."""
+
+from pathlib import Path
+
+import pytest
+
+from app.evaluation.proxy_benchmark import Benchmark, run, ship
+from app.evaluation.proxy_results import write_results
+from app.model.store import load_router
+from app.thresholds import load_thresholds
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data (the public datasets) is absent")
+def test_benchmark_runs_every_stage(tiny_store, tmp_path) -> None:
+    bench = Benchmark(
+        out=tmp_path / "run",
+        shared=SHARED,
+        model_config=tiny_store,
+        seed=0,
+        max_per_source=40,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        head_lr=1e-2,
+    )
+    run(bench)
+    results = write_results(bench, tmp_path / "results.md")
+    text = results.read_text()
+    for row in ("experts (K = 1 each)", "BCE w/o mask", "masked BCE + distill (λ = 0.5)"):
+        assert row in text
+    assert set(bench.reports) == {
+        "experts",
+        "BCE w/o mask",
+        "λ=0",
+        "λ=0.25",
+        "λ=0.5",
+        "λ=0.75",
+        "λ=1",
+    }
+    categories = list(bench.reports["λ=0.5"]["categories"])
+    assert len(categories) >= 5
+    assert set(bench.thresholds) == {"0.90", "0.95"}
+    ship(bench, tmp_path / "store", tmp_path / "proxy.yaml")
+    router = load_router(tmp_path / "store")
+    active = load_thresholds(
+        tmp_path / "proxy.yaml", router.categories, router.config.model_version
+    )
+    assert set(active.taus) == set(categories)
+    assert not (tmp_path / "store" / "checkpoints").exists()
