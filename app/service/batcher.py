@@ -4,24 +4,45 @@ Callers `submit` a post and await its future. One coroutine gathers up to `max_b
 posts or waits `max_wait_s` after the first, whichever comes first, drops posts whose
 caller has gone (cancelled future) or whose deadline has passed, and runs the batch on a
 single worker thread that owns the device, so the event loop never blocks on the model.
+
+Admission: a bounded queue alone does not keep answers in time. When the queue holds more
+than the model can clear before the callers' deadline, every queued post expires and the
+goodput collapses (each answer a 504 after the whole deadline). `admit` refuses a request at
+once (503 + Retry-After) when the queue's expected wait, from the measured batch cycle time
+per post, would take more than `ADMIT_SHARE` of the request's remaining time.
 """
 
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app.model.post import Post
 from app.service.engine import Decision
-from app.service.errors import DeadlineExceededError, QueueFullError
+from app.service.errors import DeadlineExceededError, OverloadedError, QueueFullError
 from app.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Post]], list[Decision]]
+
+# Admit while the expected queue wait is at most this share of the time left: the rest
+# covers reading and decoding the request, the post's own batch, estimate noise and the
+# answer's way back. 0.5 still let ~6 % of requests time out at 5x saturation on 2 CPUs
+# (docs/reliability.md); at 0.3 none did, and the queue still holds several full batches.
+ADMIT_SHARE = 0.3
+# Weight of the newest batch in the moving average of cycle time per post: quick to follow
+# a slowdown (a median of recent batches lagged, and admitted posts then timed out).
+COST_EWMA = 0.2
+# One batch may count as at most this many times the current estimate: a single batch
+# stalled by a CPU hiccup must not refuse traffic by itself; a real slowdown still lifts
+# the estimate by up to 1.6x per batch.
+COST_STEP = 4.0
 
 
 @dataclass
@@ -44,6 +65,7 @@ class DynamicBatcher:
         max_wait_s: float,
         queue_size: int,
         retry_after_s: int = 1,
+        model_thread_nice: int = 0,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
@@ -53,8 +75,17 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radar-model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="radar-model",
+            initializer=_lower_priority,
+            initargs=(model_thread_nice,),
+        )
         self._task: asyncio.Task[None] | None = None
+        self._post_cost_s: float | None = None  # batch cycle time per post, moving average
+        self._cycle_started = 0.0
+        self._in_model = 0  # posts in the forward now running
+        self._reserved = 0  # admitted posts not queued yet (images decoding)
         metrics.track_queue(self._queue.qsize)
 
     @property
@@ -75,6 +106,42 @@ class DynamicBatcher:
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def expected_wait_s(self, posts: int = 1, pending: int = 0) -> float:
+        """Seconds before the last of `posts` more posts would reach the model, from recent
+        batches; `pending` counts posts on their way to the queue (requests being read).
+
+        Zero with nothing ahead, whatever the estimate: an idle router always admits, so a
+        stale estimate (one slow batch) can never refuse every request for good.
+        """
+        ahead = max(self._queue.qsize() + self._in_model + self._reserved, pending)
+        if self._post_cost_s is None or ahead == 0:
+            return 0.0
+        return (ahead + posts - 1) * self._post_cost_s
+
+    def admit(self, posts: int, deadline: float, pending: int = 0) -> None:
+        """Raise a 503 error now if `posts` more would overflow the queue or, by the recent
+        model time per post, likely miss `deadline` (`time.monotonic()`) while queued."""
+        if self._queue.qsize() + posts > self._queue.maxsize:
+            self._metrics.rejected.labels("queue_full").inc()
+            raise QueueFullError("the router's queue is full", self.retry_after_s)
+        if self.expected_wait_s(posts, pending) > ADMIT_SHARE * (deadline - time.monotonic()):
+            self._metrics.rejected.labels("overloaded").inc()
+            raise OverloadedError(
+                "the router cannot answer within the deadline now", self.retry_after_s
+            )
+
+    @contextlib.contextmanager
+    def admitted(self, posts: int, deadline: float) -> Iterator[None]:
+        """`admit`, then count the posts as ahead of later arrivals until they are queued
+        (leave the block after `submit`): while their images decode they are invisible to
+        the queue, and a burst of requests would otherwise all be admitted at once."""
+        self.admit(posts, deadline)
+        self._reserved += posts
+        try:
+            yield
+        finally:
+            self._reserved -= posts
 
     def submit(self, post: Post, deadline: float) -> asyncio.Future[Decision]:
         """Queue one post; raises `QueueFullError` at once when the queue is full."""
@@ -99,7 +166,10 @@ class DynamicBatcher:
 
     async def _gather(self) -> list[_Pending]:
         batch = [await self._queue.get()]
-        close_at = time.monotonic() + self.max_wait_s
+        # The cycle this batch costs starts now: gathering, the forward, and the wait for
+        # CPU between them all delay the posts queued behind it.
+        self._cycle_started = time.monotonic()
+        close_at = self._cycle_started + self.max_wait_s
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -117,27 +187,78 @@ class DynamicBatcher:
 
     async def _process(self, batch: list[_Pending]) -> None:
         now = time.monotonic()
-        live = []
-        for item in batch:
-            if item.future.done():  # the caller disconnected or gave up
-                continue
-            if now >= item.deadline:
-                self._metrics.rejected.labels("deadline").inc()
-                item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
-                continue
-            self._metrics.queue_wait.observe(now - item.enqueued)
-            live.append(item)
+        live = [item for item in batch if self._still_wanted(item, now)]
         if not live:
             return
-        self._metrics.batch_size.observe(len(live))
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        decisions = await loop.run_in_executor(
-            self._executor, self._run_batch, [item.post for item in live]
-        )
-        self._metrics.forward_time.observe(time.monotonic() - started)
-        if len(decisions) != len(live):
-            raise RuntimeError(f"{len(decisions)} decisions for {len(live)} posts")
-        for item, decision in zip(live, decisions, strict=True):
-            if not item.future.done():
+        self._in_model = len(live)
+        try:
+            answered = await loop.run_in_executor(self._executor, self._run_wanted, live)
+        finally:
+            self._in_model = 0
+        finished = time.monotonic()
+        self._metrics.forward_time.observe(finished - started)
+        if answered:
+            # Per post of the whole cycle, not of the forward alone: under CPU contention
+            # the time around the forward is what the forward-only estimate missed.
+            self._update_cost((finished - self._cycle_started) / len(answered))
+        for item in live:
+            decision = answered.get(id(item))
+            if item.future.done():
+                continue
+            if decision is not None:
                 item.future.set_result(decision)
+            else:  # its deadline passed while the model thread was busy
+                self._metrics.rejected.labels("deadline").inc()
+                item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
+
+    def _update_cost(self, cost: float) -> None:
+        old = self._post_cost_s
+        if old is None:
+            self._post_cost_s = cost
+            return
+        self._post_cost_s = (1 - COST_EWMA) * old + COST_EWMA * min(cost, COST_STEP * old)
+
+    def _still_wanted(self, item: _Pending, now: float) -> bool:
+        """False for a caller that gave up (cancelled future) or a passed deadline."""
+        if item.future.done():
+            return False
+        if now >= item.deadline:
+            self._metrics.rejected.labels("deadline").inc()
+            item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
+            return False
+        self._metrics.queue_wait.observe(now - item.enqueued)
+        return True
+
+    def _run_wanted(self, items: list[_Pending]) -> dict[int, Decision]:
+        """On the model thread: run the posts still wanted *now*, keyed by `id(item)`.
+
+        The model thread may have been busy since the batch was gathered; a caller that gave
+        up meanwhile (a cancellation storm) must not cost a forward pass. `future.done()` is
+        a single state read, safe from this thread; results are set on the loop.
+        """
+        now = time.monotonic()
+        wanted = [i for i in items if not i.future.done() and now < i.deadline]
+        if not wanted:
+            return {}
+        self._metrics.batch_size.observe(len(wanted))
+        decisions = self._run_batch([item.post for item in wanted])
+        if len(decisions) != len(wanted):
+            raise RuntimeError(f"{len(decisions)} decisions for {len(wanted)} posts")
+        return {id(item): decision for item, decision in zip(wanted, decisions, strict=True)}
+
+
+def _lower_priority(nice: int) -> None:
+    """On the model thread: a higher nice value than the event loop's (Linux: per thread).
+
+    When CPUs are short, the loop's work per request (reading, refusing with 503, sending
+    answers) is small and latency-critical, the model's is large: giving the loop the CPU
+    first keeps refusals fast and answers in time under overload (docs/reliability.md).
+    """
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError) as exc:  # not Linux, or not permitted: carry on
+        log.warning("model thread priority unchanged: %s", exc)

@@ -2,15 +2,27 @@
 
 import json
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLargeError(HTTPException):
+    """Raised from `receive` once the streamed body passes the limit.
+
+    An `HTTPException` on purpose: FastAPI re-raises those from its body reading (anything
+    else there becomes a generic 400), so the app's handler answers 413 in the usual format.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body over {max_bytes} bytes")
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: checks Content-Length, then counts streamed bytes."""
+    """Pure ASGI middleware: checks Content-Length, then counts streamed bytes.
+
+    A chunked body (no Content-Length) is counted chunk by chunk as the app reads it, so at
+    most one chunk past the limit is ever held.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -33,7 +45,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    raise BodyTooLargeError(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -43,7 +55,8 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLargeError:
+            # Only reached when something read the body outside the app's exception handling.
             if not started:
                 await self._reject(send)
 
@@ -58,6 +71,8 @@ class BodySizeLimit:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    # The rest of the body is never read: the connection cannot be reused.
+                    (b"connection", b"close"),
                 ],
             }
         )

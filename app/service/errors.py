@@ -32,6 +32,12 @@ class QueueFullError(RetryableError):
     code = "queue_full"
 
 
+class OverloadedError(RetryableError):
+    """Queued now, the request would likely miss its deadline: refused at once instead."""
+
+    code = "overloaded"
+
+
 class NotReadyError(RetryableError):
     code = "not_ready"
 
@@ -69,3 +75,18 @@ class UnauthorizedError(ServiceError):
 class ForbiddenError(ServiceError):
     status_code = 403
     code = "forbidden"
+
+
+class ClientGoneError(ServiceError):
+    """The caller disconnected before its answer was ready; nobody reads this response.
+
+    499 is nginx's "client closed request": it shows in access logs, never to a caller.
+    """
+
+    status_code = 499
+    code = "client_closed_request"
+
+
+class TooManyPostsError(ServiceError):
+    status_code = 413
+    code = "too_many_posts"

@@ -11,8 +11,13 @@ from app.service.schemas import ImageIn, PostIn
 from app.service.settings import Settings
 
 
-async def to_model_post(post: PostIn, loader: ImageLoader, settings: Settings) -> Post:
-    """Check the post against the limits and decode its images; `BadPostError` names the field."""
+async def to_model_post(
+    post: PostIn, loader: ImageLoader, settings: Settings, deadline: float
+) -> Post:
+    """Check the post against the limits and decode its images; `BadPostError` names the field.
+
+    URL images must arrive before `deadline` (`time.monotonic()`), the request's own.
+    """
     for name in ("title", "ocr_text"):
         if len(getattr(post, name)) > settings.max_text_chars:
             raise BadPostError(post.post_id, name, f"longer than {settings.max_text_chars} chars")
@@ -23,15 +28,20 @@ async def to_model_post(post: PostIn, loader: ImageLoader, settings: Settings) -
             f"{len(post.images)} images, at most {settings.max_images_per_post} allowed",
         )
     images = await asyncio.gather(
-        *(_load(post.post_id, f"images[{i}]", image, loader) for i, image in enumerate(post.images))
+        *(
+            _load(post.post_id, f"images[{i}]", image, loader, deadline)
+            for i, image in enumerate(post.images)
+        )
     )
     return Post(title=post.title, ocr_text=post.ocr_text, images=tuple(images))
 
 
-async def _load(post_id: str, field: str, image: ImageIn, loader: ImageLoader) -> Image.Image:
+async def _load(
+    post_id: str, field: str, image: ImageIn, loader: ImageLoader, deadline: float
+) -> Image.Image:
     if image.data is not None:
         # Decoding is CPU work: keep it off the event loop.
         return await asyncio.to_thread(loader.decode_base64, post_id, f"{field}.data", image.data)
     if image.url is None:  # the schema guarantees one of the two; be explicit anyway
         raise BadPostError(post_id, field, "neither url nor data")
-    return await loader.fetch(post_id, f"{field}.url", image.url)
+    return await loader.fetch(post_id, f"{field}.url", image.url, deadline)

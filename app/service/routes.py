@@ -1,22 +1,16 @@
 """HTTP endpoints. Thin: schemas in, named errors out; the work is in state/batcher/engine."""
 
 import asyncio
-import hmac
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.service.admin import admin_router
+from app.service.admission import ARRIVED
 from app.service.engine import Decision
-from app.service.errors import (
-    AdminDisabledError,
-    DeadlineExceededError,
-    ForbiddenError,
-    NotReadyError,
-    ServiceError,
-    UnauthorizedError,
-)
+from app.service.errors import ClientGoneError, DeadlineExceededError, TooManyPostsError
 from app.service.intake import to_model_post
 from app.service.schemas import (
     BatchIn,
@@ -25,15 +19,21 @@ from app.service.schemas import (
     Flag,
     PostIn,
     ReadyStatus,
-    ReloadOutcome,
     RouteResult,
 )
 from app.service.state import ServiceState
 
-ERRORS = {code: {"model": ErrorBody} for code in (413, 422, 503, 504)}
+ERRORS = {
+    413: {"model": ErrorBody, "description": "body or batch too large"},
+    422: {"model": ErrorBody, "description": "invalid request, or a post the router cannot take"},
+    503: {"model": ErrorBody, "description": "queue full or not ready; see Retry-After"},
+    504: {"model": ErrorBody, "description": "no answer within RADAR_DEADLINE_MS"},
+}
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
+    # `async` on purpose: FastAPI runs a plain `def` dependency in a worker thread, one
+    # thread hop per request for an attribute read (a GIL convoy under load).
     return request.app.state.radar
 
 
@@ -42,69 +42,113 @@ router = APIRouter()
 
 
 @router.post("/route", response_model=RouteResult, responses=ERRORS, tags=["routing"])
-async def route_one(post: PostIn, state: State) -> RouteResult:
+async def route_one(post: PostIn, state: State, request: Request) -> RouteResult:
     """Score one post and say which verticals it goes to."""
     with state.metrics.request_latency.labels("route").time():
-        return (await _route(state, [post]))[0]
+        return (await _route(state, [post], request))[0]
 
 
 @router.post("/route/batch", response_model=BatchResult, responses=ERRORS, tags=["routing"])
-async def route_batch(body: BatchIn, state: State) -> BatchResult:
+async def route_batch(body: BatchIn, state: State, request: Request) -> BatchResult:
     """Score several posts (at most `RADAR_MAX_POSTS_PER_REQUEST`); answers in order."""
     with state.metrics.request_latency.labels("route_batch").time():
         limit = state.settings.max_posts_per_request
         if len(body.posts) > limit:
-            raise _TooManyPosts(f"{len(body.posts)} posts, at most {limit} per request")
-        return BatchResult(results=await _route(state, body.posts))
+            raise TooManyPostsError(f"{len(body.posts)} posts, at most {limit} per request")
+        return BatchResult(results=await _route(state, body.posts, request))
 
 
-class _TooManyPosts(ServiceError):
-    status_code = 413
-    code = "too_many_posts"
-
-
-async def _route(state: ServiceState, posts: list[PostIn]) -> list[RouteResult]:
-    started = time.monotonic()
+async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> list[RouteResult]:
+    # From the arrival stamped by the admission middleware: reading and parsing count too.
+    started = getattr(request.state, ARRIVED, None) or time.monotonic()
     deadline = state.deadline(started)
     state.active_thresholds()  # 503 at once when not ready
-    model_posts = await asyncio.gather(
-        *(to_model_post(p, state.images, state.settings) for p in posts)
-    )
     if state.batcher is None or state.router is None:
         raise RuntimeError("ready without a batcher")
-    futures = []
+    futures = await _submit(state, posts, deadline)
+    answers = asyncio.gather(*futures)
+    answers.add_done_callback(_retrieve)
+    gone = asyncio.ensure_future(_disconnect(request))
     try:
-        for post in model_posts:
-            futures.append(state.batcher.submit(post, deadline))
-        decisions = await asyncio.wait_for(
-            asyncio.gather(*futures), timeout=max(deadline - time.monotonic(), 0)
+        done, _ = await asyncio.wait(
+            (answers, gone),
+            timeout=max(deadline - time.monotonic(), 0),
+            return_when=asyncio.FIRST_COMPLETED,
         )
-    except TimeoutError:
-        state.metrics.rejected.labels("deadline").inc()
-        raise DeadlineExceededError(f"no answer within {state.settings.deadline_ms:g} ms") from None
+        if answers not in done:
+            reason = "client_gone" if gone in done else "deadline"
+            state.metrics.rejected.labels(reason).inc()
+            if gone in done:
+                raise ClientGoneError("the client disconnected")
+            raise DeadlineExceededError(f"no answer within {state.settings.deadline_ms:g} ms")
+        decisions = answers.result()
     finally:
-        for future in futures:  # anything not answered is dropped by the batcher
-            future.cancel()
+        gone.cancel()
+        # Anything not answered is dropped by the batcher: a cancelled post never reaches
+        # the model, so callers that give up cost no forward pass.
+        if not answers.done():
+            answers.cancel()  # cancels every future it gathers
+    return _results(state, posts, decisions)
+
+
+async def _submit(
+    state: ServiceState, posts: list[PostIn], deadline: float
+) -> list["asyncio.Future[Decision]"]:
+    """Admit (503 before any image is decoded: refusing must cost next to nothing under
+    overload), decode, queue; the posts count as ahead of later arrivals from admission on."""
+    if state.batcher is None:
+        raise RuntimeError("ready without a batcher")
+    with state.batcher.admitted(len(posts), deadline):
+        model_posts = await asyncio.gather(
+            *(to_model_post(p, state.images, state.settings, deadline) for p in posts)
+        )
+        futures: list[asyncio.Future[Decision]] = []
+        try:
+            for post in model_posts:
+                futures.append(state.batcher.submit(post, deadline))
+        except BaseException:
+            for future in futures:  # a full queue halfway: drop what was queued
+                future.cancel()
+            raise
+        return futures
+
+
+def _retrieve(answers: "asyncio.Future[list[Decision]]") -> None:
+    # A gather cancelled halfway finishes with CancelledError as its exception (Python
+    # 3.11); retrieving it keeps asyncio from logging "exception was never retrieved".
+    if not answers.cancelled():
+        answers.exception()
+
+
+async def _disconnect(request: Request) -> None:
+    """Return when the client hangs up (once the body is read, `receive` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _results(
+    state: ServiceState, posts: list[PostIn], decisions: list[Decision]
+) -> list[RouteResult]:
+    if state.router is None:
+        raise RuntimeError("decisions without a router")
     model_version = state.router.config.model_version
     results = []
     for post, decision in zip(posts, decisions, strict=True):
         state.metrics.record_post(
             decision.scores, decision.dispatch, state.router.categories, decision.fallback_reason
         )
-        results.append(_result(post.post_id, decision, model_version))
+        results.append(
+            RouteResult(
+                post_id=post.post_id,
+                scores=decision.scores,
+                dispatch=decision.dispatch,
+                auto_pass=decision.auto_pass,
+                thresholds_version=decision.thresholds_version,
+                model_version=model_version,
+                flags=[Flag.FALLBACK] if decision.fallback_reason else [],
+            )
+        )
     return results
-
-
-def _result(post_id: str, decision: Decision, model_version: str) -> RouteResult:
-    return RouteResult(
-        post_id=post_id,
-        scores=decision.scores,
-        dispatch=decision.dispatch,
-        auto_pass=decision.auto_pass,
-        thresholds_version=decision.thresholds_version,
-        model_version=model_version,
-        flags=[Flag.FALLBACK] if decision.fallback_reason else [],
-    )
 
 
 @router.get("/healthz", tags=["health"])
@@ -117,7 +161,7 @@ async def healthz() -> dict[str, str]:
     "/readyz", response_model=ReadyStatus, responses={503: {"model": ReadyStatus}}, tags=["health"]
 )
 async def readyz(state: State) -> JSONResponse:
-    """Readiness: model loaded and warm, thresholds valid, batcher running."""
+    """Readiness: model loaded and warm, thresholds valid, batcher running, not stopping."""
     state.refresh_readiness()
     body = ReadyStatus(
         ready=state.not_ready_reason is None,
@@ -132,40 +176,15 @@ async def readyz(state: State) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
-@router.get("/metrics", tags=["health"])
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    tags=["health"],
+)
 async def metrics(state: State) -> Response:
     """Prometheus text format."""
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Bearer-token check for state-changing endpoints; disabled without a configured token."""
-    token = state.settings.admin_token
-    if token is None:
-        raise AdminDisabledError("admin endpoints are disabled (set RADAR_ADMIN_TOKEN)")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise UnauthorizedError("a bearer token is required")
-    if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-        raise ForbiddenError("wrong token")
-
-
-@router.post(
-    "/admin/thresholds/reload",
-    response_model=ReloadOutcome,
-    dependencies=[Depends(require_admin)],
-    tags=["admin"],
-)
-async def reload_thresholds(state: State) -> JSONResponse:
-    """Reload the thresholds file now; a refused file leaves the active thresholds in place."""
-    if state.thresholds is None:
-        raise NotReadyError("the model is not loaded yet", state.settings.retry_after_s)
-    result = await asyncio.to_thread(state.thresholds.reload)
-    state.apply_reload(result)
-    body = ReloadOutcome(
-        status=result.status,
-        thresholds_version=result.active.version if result.active else None,
-        reason=result.reason,
-        message=result.message,
-    )
-    return JSONResponse(body.model_dump(), status_code=422 if result.status == "refused" else 200)
+router.include_router(admin_router)

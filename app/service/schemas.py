@@ -7,9 +7,28 @@ the post without its text, silently.
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-PostId = Annotated[str, Field(min_length=1, max_length=256, examples=["post-123"])]
+
+def _encodable(value: str) -> str:
+    """Refuse lone surrogates (JSON `"\\udc80"`): valid JSON, but not UTF-8-encodable text.
+
+    The tokenizer cannot take them, and one such post would fail its whole model batch.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (lone surrogate)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+PostId = Annotated[Text, Field(min_length=1, max_length=256, examples=["post-123"])]
+TEXT_LIMITS = (
+    "At most `RADAR_MAX_TEXT_CHARS` characters (default 10,000; longer is a 422 `bad_post`). "
+    "The model reads title and OCR text up to its own token budget (`max_text_tokens` in "
+    "router.json) and truncates the rest."
+)
 
 
 class _Body(BaseModel):
@@ -19,8 +38,18 @@ class _Body(BaseModel):
 class ImageIn(_Body):
     """One image: inline base64 bytes or a URL on an allowlisted host — exactly one."""
 
-    url: str | None = Field(default=None, max_length=4096, examples=["https://cdn.example/a.jpg"])
-    data: str | None = Field(default=None, description="base64 of a JPEG/PNG/WebP/GIF file")
+    url: Text | None = Field(
+        default=None,
+        max_length=4096,
+        examples=["https://cdn.example/a.jpg"],
+        description="http(s) on a host in `RADAR_URL_ALLOWLIST`; never redirected; private, "
+        "loopback and link-local addresses refused after DNS resolution",
+    )
+    data: str | None = Field(
+        default=None,
+        description="base64 of a JPEG/PNG/WebP/GIF file, at most `RADAR_MAX_IMAGE_BYTES` "
+        "decoded and `RADAR_MAX_IMAGE_PIXELS` pixels",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
@@ -30,12 +59,16 @@ class ImageIn(_Body):
 
 
 class PostIn(_Body):
-    """One uploaded post."""
+    """One uploaded post. Unknown fields are a 422: a typo must not drop the post's text."""
 
     post_id: PostId
-    title: str = Field(default="", examples=["Limited offer: earn $500/day from home"])
-    ocr_text: str = Field(default="", examples=["DM me on WhatsApp"])
-    images: list[ImageIn] = Field(default_factory=list)
+    title: Text = Field(
+        default="", examples=["Limited offer: earn $500/day from home"], description=TEXT_LIMITS
+    )
+    ocr_text: Text = Field(default="", examples=["DM me on WhatsApp"], description=TEXT_LIMITS)
+    images: list[ImageIn] = Field(
+        default_factory=list, description="at most `RADAR_MAX_IMAGES_PER_POST` (default 4)"
+    )
 
     model_config = ConfigDict(
         extra="forbid",
@@ -55,7 +88,11 @@ class PostIn(_Body):
 class BatchIn(_Body):
     """Several posts in one request; post ids must be unique within it."""
 
-    posts: list[PostIn] = Field(min_length=1)
+    posts: list[PostIn] = Field(
+        min_length=1,
+        description="at most `RADAR_MAX_POSTS_PER_REQUEST` (default 64; more is a 413), "
+        "unique `post_id`s (a repeat is a 422)",
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Self:

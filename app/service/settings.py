@@ -15,9 +15,22 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RADAR_", extra="forbid", frozen=True)
 
-    model_dir: Path = Field(default=Path("model_store/tiny"), description="model-store dir")
-    thresholds_path: Path = Field(default=Path("thresholds/tiny.yaml"))
+    model_dir: Path = Field(default=Path("model_store/proxy"), description="model-store dir")
+    thresholds_path: Path = Field(default=Path("thresholds/proxy.yaml"))
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_thread_nice: int = Field(
+        default=0,
+        ge=0,
+        le=19,
+        description="nice value of the model thread (Linux), e.g. 10 on dedicated CPUs: the "
+        "event loop (answers, 503s) goes first under overload; 0 off (shared machines)",
+    )
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        le=256,
+        description="CPU threads per forward (torch intra-op); 0 keeps torch's default",
+    )
 
     max_batch_size: int = Field(default=32, ge=1, le=1024, description="posts per forward")
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0, description="batch gather wait")
@@ -35,8 +48,19 @@ class Settings(BaseSettings):
     url_allowlist: list[str] = Field(default_factory=list, description="hosts image URLs may use")
     url_connect_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
     url_read_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)
+    url_fetch_timeout_s: float = Field(
+        default=5.0, gt=0.0, le=120.0, description="whole fetch of one image, DNS included"
+    )
+    url_allow_private_networks: bool = Field(
+        default=False,
+        description="let allowlisted hosts resolve to private/loopback/link-local addresses "
+        "(tests, a CDN inside the network); off, such URLs are refused (SSRF)",
+    )
 
     thresholds_poll_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    shutdown_timeout_s: float = Field(
+        default=30.0, ge=1.0, le=3600.0, description="drain in-flight requests on SIGTERM"
+    )
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin")
 
     host: str = "127.0.0.1"

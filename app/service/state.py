@@ -45,15 +45,27 @@ class ServiceState:
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
         self._watcher: asyncio.Task[None] | None = None
+        self.stopping = False
+        self._torch_threads_before: int | None = None
 
     async def start(self) -> None:
         """Load the model (a broken store raises and stops start-up), thresholds, warm up."""
         s = self.settings
         device = pick_device(s.device)
+        if s.torch_threads:
+            # Process-wide in torch; put back at stop for an app embedded in a bigger process.
+            self._torch_threads_before = torch.get_num_threads()
+            torch.set_num_threads(s.torch_threads)
         # Loading bars from transformers would only clutter the service log.
         transformers_logging.disable_progress_bar()
         self.not_ready_reason = "loading model"
-        self.router = await asyncio.to_thread(load_router, s.model_dir, device)
+        try:
+            self.router = await asyncio.to_thread(load_router, s.model_dir, device)
+        except Exception as exc:  # re-raised: start-up fails, the process exits
+            # One clear line before the framework's traceback (a broken store raises
+            # ModelStoreError; a truncated backbone file whatever its loader raises).
+            log.error("cannot load the router from %s: %s", s.model_dir, exc)
+            raise
         self.engine = RouterEngine(self.router)
         version = self.router.config.model_version
         self.metrics.set_model(version)
@@ -67,6 +79,7 @@ class ServiceState:
             max_wait_s=s.max_wait_ms / 1000,
             queue_size=s.queue_size,
             retry_after_s=s.retry_after_s,
+            model_thread_nice=s.model_thread_nice,
         )
         self.batcher.start()
         self.not_ready_reason = "warming up"
@@ -77,6 +90,9 @@ class ServiceState:
         log.info("router %s on %s ready=%s", version, device, self.not_ready_reason is None)
 
     async def stop(self) -> None:
+        """Runs after the server drained its requests: watcher, batcher, HTTP client."""
+        self.stopping = True
+        self.refresh_readiness()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -84,6 +100,8 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.stop()
         await self.images.aclose()
+        if self._torch_threads_before is not None:
+            torch.set_num_threads(self._torch_threads_before)
 
     def apply_reload(self, result: ReloadResult | None) -> None:
         """Record a reload attempt in the metrics and the readiness."""
@@ -107,6 +125,12 @@ class ServiceState:
     def deadline(self, started: float) -> float:
         return started + self.settings.deadline_ms / 1000
 
+    def pre_admit(self, arrived: float, in_flight: int) -> None:
+        """Before a routing request's body is read: a 503 error if it cannot be answered in
+        time. Not ready yet: let it through, the route answers 503 with the reason."""
+        if self.batcher is not None and self.not_ready_reason is None:
+            self.batcher.admit(1, self.deadline(arrived), pending=in_flight)
+
     def _run_batch(self, posts: Sequence[Post]) -> list[Decision]:  # on the model thread
         if self.engine is None or self.thresholds is None or self.thresholds.active is None:
             raise RuntimeError("batch before start-up finished")
@@ -114,11 +138,14 @@ class ServiceState:
         return self.engine.route(posts, self.thresholds.active)
 
     def refresh_readiness(self) -> None:
-        if self.router is None:
-            reason: str | None = "model not loaded"
+        if self.stopping:
+            reason: str | None = "shutting down"
+        elif self.router is None:
+            reason = "model not loaded"
         elif self.thresholds is None or self.thresholds.active is None:
             error = self.thresholds.last_error if self.thresholds else None
-            reason = f"no valid thresholds: {error}" if error else "no thresholds loaded"
+            # `problem`, not str(): the reason is served by /readyz and must not show paths.
+            reason = f"no valid thresholds: {error.problem}" if error else "no thresholds loaded"
         elif self.batcher is None or not self.batcher.alive:
             reason = "batcher not running"
         elif self._watcher is None:

@@ -55,6 +55,9 @@ def make_settings(tiny_store: Path, thresholds_path: Path) -> Callable[..., Sett
             "thresholds_path": thresholds_path,
             "device": "cpu",
             "thresholds_poll_s": 0.05,
+            # One intra-op thread: the tests check behaviour, and on a busy shared CPU the
+            # default OpenMP team stalls forwards on a fresh model thread for seconds.
+            "torch_threads": 1,
         }
         values.update(overrides)
         return Settings(**values)
@@ -63,10 +66,16 @@ def make_settings(tiny_store: Path, thresholds_path: Path) -> Callable[..., Sett
 
 
 @asynccontextmanager
-async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Run the app's lifespan (model load, warm-up) and give a client bound to it."""
+async def serve(
+    app: FastAPI, raise_app_exceptions: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan (model load, warm-up) and give a client bound to it.
+
+    `raise_app_exceptions=False` shows what a server sends for an unhandled error (the
+    500 body) instead of re-raising the error in the test.
+    """
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://radar") as client:
             yield client
 
