@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-per-source",
         type=int,
-        default=1000,
-        help="posts kept per source dataset before splitting (1000)",
+        default=500,
+        help="posts kept per source dataset before splitting (500)",
     )
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per training run (2)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per training run (1)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
     parser.add_argument(
         "--lr",
