@@ -12,7 +12,6 @@ serving feed the model identical tensors.
 import hashlib
 import json
 import math
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from typing import Annotated, Any, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, ValidationError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from app.model.images import ImageDecodeError, decode_rgb
 from app.model.post import Post
 from app.model.router import Router
 
@@ -263,17 +263,13 @@ def load_image(item: LoadedRecord, index: int) -> Image.Image:
     """Decode `item`'s `index`-th image to RGB, as the service decodes an uploaded one."""
     path = item.image_paths[index]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        problem = "image exceeds the pixel limit"
-    except UnidentifiedImageError:
-        problem = f"not an image: {path}"
-    except (OSError, SyntaxError, ValueError) as exc:
-        problem = f"broken image: {path}: {exc}"
+        return decode_rgb(path)
+    except ImageDecodeError as exc:
+        # Name the file, except for the pixel limit (the file is readable, just too big).
+        if exc.over_limit:
+            problem = exc.problem
+        else:
+            problem = f"{exc.problem}: {path}" + (f": {exc.detail}" if exc.detail else "")
     raise DataError(item.source, item.line, f"images[{index}]", problem)
 
 
