@@ -119,6 +119,12 @@ def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -
     """Read, parse and validate one thresholds file."""
     try:
         raw = Path(path).read_bytes()
+    except PermissionError:
+        # Not "missing": a file (or directory) with the wrong owner or mode says so.
+        problem = "permission denied: this process may not read the file"
+        raise ThresholdsError("unreadable", str(path), problem) from None
+    except FileNotFoundError:
+        raise ThresholdsError("unreadable", str(path), "no such file") from None
     except OSError as exc:
         raise ThresholdsError("unreadable", str(path), f"cannot read: {exc.strerror}") from None
     digest = hashlib.sha256(raw).hexdigest()
@@ -155,7 +161,7 @@ class ThresholdsStore:
         self.active: ActiveThresholds | None = None
         self.last_error: ThresholdsError | None = None
         self._lock = threading.Lock()
-        self._last_stat: tuple[int, int] | None = None
+        self._last_stat: tuple[int, int, int, int] | None = None
 
     def reload(self) -> ReloadResult:
         """Load the file now; keep the active thresholds if it is refused."""
@@ -180,14 +186,18 @@ class ThresholdsStore:
             return ReloadResult("changed", fresh)
 
     def reload_if_modified(self) -> ReloadResult | None:
-        """Poll step: reload only when the file's mtime or size changed since the last try."""
+        """Poll step: reload only when the file changed since the last try (see `_stat`)."""
         if self._stat() == self._last_stat:
             return None
         return self.reload()
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        """What identifies one version of the file: mtime and size for an edit in place, and
+        the inode (with its device) for an atomic replace (write a temp file, rename it over
+        the path; a Kubernetes ConfigMap update swaps a symlink, which `stat` follows), which
+        may keep the mtime and the size the same."""
         try:
             stat = self.path.stat()
         except OSError:
             return None
-        return (stat.st_mtime_ns, stat.st_size)
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev)

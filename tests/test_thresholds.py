@@ -1,5 +1,8 @@
 """The thresholds file: schema, validation against a model, reload semantics."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,64 @@ def test_poll_reloads_only_after_a_change(tmp_path: Path) -> None:
     result = store.reload_if_modified()
     assert result is not None and result.active is not None
     assert result.active.version == "v2-longer-name"
+
+
+def test_poll_sees_an_atomic_replace_with_the_same_mtime_and_size(tmp_path: Path) -> None:
+    """Write a temp file, rename it over the path, same size and mtime: a new inode."""
+    path = tmp_path / "t.yaml"
+    write(path, valid_doc("v1", tau=0.1))
+    store = ThresholdsStore(path, CATEGORIES, "m1")
+    assert store.reload().status == "changed"
+    before = path.stat()
+    tmp = tmp_path / "t.yaml.tmp"
+    write(tmp, valid_doc("v2", tau=0.2))
+    assert tmp.stat().st_size == before.st_size
+    os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    tmp.replace(path)
+    after = path.stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert after.st_ino != before.st_ino
+    result = store.reload_if_modified()
+    assert result is not None and result.status == "changed"
+    assert store.active is not None and store.active.version == "v2"
+    assert store.reload_if_modified() is None
+
+
+def test_unreadable_file_is_refused_as_permission_denied(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "t.yaml"
+    write(path, valid_doc())
+    real_read = Path.read_bytes
+
+    def denying_read(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denying_read)
+    result = ThresholdsStore(path, CATEGORIES, "m1").reload()
+    assert (result.status, result.reason) == ("refused", "unreadable")
+    assert result.message.startswith("permission denied")
+    missing = ThresholdsStore(tmp_path / "absent.yaml", CATEGORIES, "m1").reload()
+    assert missing.message == "no such file"
+
+
+def test_mode_000_file_is_refused_as_permission_denied(
+    tmp_path: Path, modes_enforced: tuple[str, ...]
+) -> None:
+    """The real thing, in a child that honours file modes (root does not)."""
+    path = tmp_path / "t.yaml"
+    write(path, valid_doc())
+    path.chmod(0)
+    code = (
+        "import sys; from app.thresholds import ThresholdsStore; "
+        "print(ThresholdsStore(sys.argv[1], ('lqc', 'rcs', 'fe'), 'm1').reload().message)"
+    )
+    result = subprocess.run(
+        [*modes_enforced, sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().startswith("permission denied"), result.stdout

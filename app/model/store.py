@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from app.model.backbones import load_backbone
 from app.model.config import PACKAGE_PREFIX, RouterConfig, resolve_path
 from app.model.errors import ModelStoreError
+from app.model.files import is_dir, is_file
 from app.model.router import Router, wrap_with_lora
 
 # Loading must never reach a model hub: every path is local.
@@ -41,10 +42,14 @@ def read_config(store_dir: Path) -> RouterConfig:
 
 def read_config_file(path: Path) -> RouterConfig:
     """Parse and validate a router config JSON (a store's router.json or a training config)."""
-    if not path.is_file():
+    if not is_file(path):
         raise ModelStoreError(path, "missing (is this a model-store directory?)")
     try:
-        return RouterConfig.model_validate_json(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelStoreError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        return RouterConfig.model_validate_json(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
@@ -118,7 +123,7 @@ def load_router(
 ) -> Router:
     """Load a saved router, offline; `ModelStoreError` names any missing or broken file."""
     store_dir = Path(store_dir)
-    if not store_dir.is_dir():
+    if not is_dir(store_dir):
         raise ModelStoreError(store_dir, "model-store directory does not exist")
     config = read_config(store_dir)
     backbone = load_backbone(config.backbone, store_dir)
@@ -133,7 +138,7 @@ def load_router(
 
 def _load_adapter(backbone: torch.nn.Module, adapter_dir: Path, *, trainable: bool) -> PeftModel:
     for name in ADAPTER_FILES:
-        if not (adapter_dir / name).is_file():
+        if not is_file(adapter_dir / name):
             raise ModelStoreError(adapter_dir / name, "missing (router.json asks for LoRA)")
     try:
         wrapped = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
@@ -146,7 +151,7 @@ def _load_adapter(backbone: torch.nn.Module, adapter_dir: Path, *, trainable: bo
 
 
 def _load_head(router: Router, path: Path) -> None:
-    if not path.is_file():
+    if not is_file(path):
         raise ModelStoreError(path, "missing (MLP and heads)")
     try:
         saved = load_file(str(path))

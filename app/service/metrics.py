@@ -1,7 +1,10 @@
 """Every Prometheus object of the service, in one registry per app, updated at a few hooks.
 
 Histograms, not summaries, so replicas aggregate; labels are bounded (categories, decisions,
-reasons, endpoints; never post ids).
+reasons, endpoints; never post ids). Every bounded label value is created at 0 when the
+metrics are built (categories once the model is loaded), so `rate()` and `absent()` see each
+series from the first scrape on, not only after its first event. The `Literal` types below
+(and `FallbackReason`, `RefusalReason` where those reasons arise) are the lists used.
 
 Auto-pass rate, overall and per category (PromQL):
     sum(rate(radar_auto_pass_total[5m])) / sum(rate(radar_posts_total[5m]))
@@ -10,6 +13,7 @@ Auto-pass rate, overall and per category (PromQL):
 """
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,8 +24,26 @@ from prometheus_client import (
     generate_latest,
 )
 
+from app.service.engine import FallbackReason
+from app.thresholds import RefusalReason
+
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
+
+Endpoint = Literal["route", "route_batch"]
+DecisionLabel = Literal["dispatch", "pass"]
+# Why a request was refused before routing: the batcher's 503s (queue_full, overloaded),
+# deadlines, callers that hung up, and the 422/413 codes of `app.service.app`'s handlers.
+RejectReason = Literal[
+    "queue_full",
+    "overloaded",
+    "deadline",
+    "client_gone",
+    "invalid_request",
+    "bad_post",
+    "too_many_posts",
+    "body_too_large",
+]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -97,11 +119,19 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("radar_ready", "1 when the service is ready.", registry=r)
+        for metric, values in (
+            (self.fallbacks, get_args(FallbackReason)),
+            (self.rejected, get_args(RejectReason)),
+            (self.reload_failures, get_args(RefusalReason)),
+            (self.request_latency, get_args(Endpoint)),
+        ):
+            for value in values:
+                metric.labels(value)
 
     def init_categories(self, categories: Sequence[str]) -> None:
         """Create every labelled child at 0 so rates exist before the first post."""
         for name in categories:
-            for decision in ("dispatch", "pass"):
+            for decision in get_args(DecisionLabel):
                 self.decisions.labels(name, decision)
             self.scores.labels(name)
 
@@ -123,7 +153,7 @@ class ServiceMetrics:
         scores: dict[str, float],
         dispatch: Sequence[str],
         categories: Sequence[str],
-        fallback_reason: str | None,
+        fallback_reason: FallbackReason | None,
     ) -> None:
         """Count one routed post and its per-category decisions."""
         self.posts.inc()
@@ -133,7 +163,8 @@ class ServiceMetrics:
             self.fallbacks.labels(fallback_reason).inc()
         chosen = set(dispatch)
         for name in categories:
-            self.decisions.labels(name, "dispatch" if name in chosen else "pass").inc()
+            decision: DecisionLabel = "dispatch" if name in chosen else "pass"
+            self.decisions.labels(name, decision).inc()
             if name in scores:
                 self.scores.labels(name).observe(scores[name])
 

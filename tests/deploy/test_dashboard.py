@@ -88,7 +88,8 @@ async def exercise(client: httpx.AsyncClient, thresholds: Path) -> None:
     write_thresholds(thresholds, "v2", "not a number")  # refused: the reload-failure series
     for _ in range(100):
         text = (await client.get("/metrics")).text
-        if "radar_thresholds_reload_failures_total{" in text:
+        # The series exists at 0 from the start: wait for the refusal to be counted.
+        if 'radar_thresholds_reload_failures_total{reason="schema"} 1.0' in text:
             return
         await asyncio.sleep(0.05)
     pytest.fail("the refused thresholds file never showed in /metrics")

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,3 +140,66 @@ def test_unknown_backbone_family_is_named(store: Path) -> None:
 def test_missing_store_directory_is_named(tmp_path: Path) -> None:
     error = _error_for(tmp_path / "nowhere")
     assert error.path == tmp_path / "nowhere"
+
+
+def test_unreadable_file_is_permission_denied_not_missing(store: Path, monkeypatch) -> None:
+    real_open = Path.open
+
+    def denying_open(self: Path, *args, **kwargs):
+        if self == store / HEAD_FILE:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denying_open)
+    error = _error_for(store)
+    assert error.path == store / HEAD_FILE
+    assert error.problem.startswith("permission denied")
+
+
+# Run in a child that honours file modes (root does not): `modes_enforced` in conftest.
+_LOAD_WITH_MODE_000 = """
+import json, sys
+from pathlib import Path
+from app.model.errors import ModelStoreError
+from app.model.store import load_router
+store, found = Path(sys.argv[1]), {}
+for name in json.loads(sys.argv[2]):
+    target = store / name
+    mode = target.stat().st_mode
+    target.chmod(0)
+    try:
+        load_router(store)
+        found[name] = None
+    except ModelStoreError as exc:
+        found[name] = [str(exc.path), exc.problem]
+    finally:
+        target.chmod(mode)
+print(json.dumps(found))
+"""
+
+
+def test_store_with_mode_000_parts_says_permission_denied(
+    store: Path, modes_enforced: tuple[str, ...]
+) -> None:
+    """The real thing: chmod 000 on the store, a directory or a file in it."""
+    names = [
+        ".",
+        CONFIG_FILE,
+        HEAD_FILE,
+        ADAPTER_DIR,
+        f"{ADAPTER_DIR}/adapter_model.safetensors",
+        "backbone",
+        "backbone/model.safetensors",
+    ]
+    command = [*modes_enforced, sys.executable, "-c", _LOAD_WITH_MODE_000, str(store)]
+    result = subprocess.run(
+        [*command, json.dumps(names)], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in names:
+        assert found[name] is not None, name
+        path, problem = Path(found[name][0]), found[name][1]
+        target = store / name
+        assert path == target or target in path.parents, (name, path)
+        assert problem.startswith("permission denied"), (name, problem)

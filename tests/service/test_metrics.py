@@ -1,7 +1,17 @@
 """GET /metrics: Prometheus text that parses, with the series dashboards rely on."""
 
+import re
+from pathlib import Path
+from typing import get_args
+
 from prometheus_client.parser import text_string_to_metric_families
 
+import app
+from app.service.app import _HTTP_CODES
+from app.service.engine import FallbackReason
+from app.service.errors import ServiceError
+from app.service.metrics import DecisionLabel, Endpoint, RejectReason
+from app.thresholds import RefusalReason
 from tests.service.conftest import categories_of, model_version_of, post, write_thresholds
 from tests.service.test_batching import sample
 
@@ -45,3 +55,66 @@ async def test_metrics_parse_and_count_decisions(running, tiny_store, thresholds
     assert sample(text, "radar_model_info", {"model_version": model_version_of(tiny_store)}) == 1
     assert sample(text, "radar_request_duration_seconds_count", {"endpoint": "route"}) == 3
     assert "post_id" not in text
+
+
+def _label_values(text: str, name: str, label: str) -> set[str]:
+    return {
+        s.labels[label]
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+async def test_every_bounded_series_exists_at_zero_from_the_first_scrape(
+    running, tiny_store
+) -> None:
+    """`rate()` and `absent()` in alerts need each series before its first event."""
+    async with running() as (client, _):
+        text = (await client.get("/metrics")).text
+        await client.post("/route", content=b"{not json", headers={"content-type": "json"})
+        after = (await client.get("/metrics")).text
+    assert 'radar_fallback_total{reason="model_error"} 0.0' in text
+    for name, label, values in (
+        ("radar_fallback_total", "reason", get_args(FallbackReason)),
+        ("radar_rejected_total", "reason", get_args(RejectReason)),
+        ("radar_thresholds_reload_failures_total", "reason", get_args(RefusalReason)),
+        ("radar_request_duration_seconds_count", "endpoint", get_args(Endpoint)),
+    ):
+        assert _label_values(text, name, label) == set(values), name
+        for value in values:
+            assert sample(text, name, {label: value}) == 0, (name, value)
+    for category in categories_of(tiny_store):
+        for decision in get_args(DecisionLabel):
+            labels = {"category": category, "decision": decision}
+            assert sample(text, "radar_decisions_total", labels) == 0
+        assert sample(text, "radar_score_count", {"category": category}) == 0
+    # An event moves its series and creates no new one.
+    assert sample(after, "radar_rejected_total", {"reason": "invalid_request"}) == 1
+    assert _label_values(after, "radar_rejected_total", "reason") == set(get_args(RejectReason))
+
+
+def _service_errors(cls: type[ServiceError] = ServiceError) -> list[type[ServiceError]]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_service_errors(sub))]
+
+
+def test_label_literals_cover_every_value_the_code_uses() -> None:
+    """The Literal types are the lists of label values: nothing counted outside them."""
+    rejected = set(get_args(RejectReason))
+    # `app.service.app` counts the code of every 413/422 ServiceError and framework 413.
+    assert {e.code for e in _service_errors() if e.status_code in (413, 422)} <= rejected
+    assert _HTTP_CODES[413] in rejected
+    literals = {
+        "rejected": rejected,
+        "fallbacks": set(get_args(FallbackReason)),
+        "reload_failures": set(get_args(RefusalReason)),
+        "request_latency": set(get_args(Endpoint)),
+    }
+    used = [
+        (metric, value)
+        for path in Path(app.__file__).parent.rglob("*.py")
+        for metric, value in re.findall(r"\.(\w+)\.labels\(\"(\w+)\"\)", path.read_text())
+    ]
+    assert ("rejected", "queue_full") in used  # the pattern finds the call sites
+    for metric, value in used:
+        assert value in literals[metric], (metric, value)

@@ -35,6 +35,7 @@ from app.model.backbones.base import Backbone
 from app.model.backbones.text_encoder import BERT_LORA_TARGETS, TextEncoder
 from app.model.config import BackboneConfig, resolve_path
 from app.model.errors import InputError, ModelStoreError
+from app.model.files import is_dir, is_file
 from app.model.post import Post
 
 IMAGE_ARCHITECTURE = "efficientnet-lite0"
@@ -66,9 +67,9 @@ def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
 
 def locate_image_weights(path: Path) -> Path:
     """The image-encoder weights file: `path` itself, or the one weights file below it."""
-    if path.is_file():
+    if is_file(path):
         return path
-    if not path.is_dir():
+    if not is_dir(path):
         raise ModelStoreError(path, "missing (image-encoder weights)")
     found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if not found:
@@ -76,6 +77,7 @@ def locate_image_weights(path: Path) -> Path:
     if len(found) > 1:
         names = [str(p.relative_to(path)) for p in found]
         raise ModelStoreError(path, f"several weights files {names}: name one in image_path")
+    is_file(found[0])  # raises when it may not be read (the loader would say "missing")
     return found[0]
 
 

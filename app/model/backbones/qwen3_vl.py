@@ -25,6 +25,7 @@ from transformers import (
 from app.model.backbones.base import Backbone
 from app.model.config import BackboneConfig, resolve_path
 from app.model.errors import InputError, ModelStoreError
+from app.model.files import is_dir, is_file
 from app.model.post import Post
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -73,7 +74,7 @@ class Qwen3VLBackbone(Backbone):
     def load(cls, config: BackboneConfig, store_dir: Path) -> Self:
         """Tokenizer, image processor and `Qwen3VLModel` from one local directory, offline."""
         path = resolve_path(config.path, store_dir)
-        if not path.is_dir():
+        if not is_dir(path):
             raise ModelStoreError(path, "Qwen3-VL backbone directory does not exist")
         _check_files(path)
         weights = _weights_file(path)
@@ -254,9 +255,9 @@ def _expand_image_pads(text: str, counts: Sequence[int]) -> str:
 def _check_files(path: Path) -> None:
     """Name the missing or broken file up front; `from_pretrained` errors are vaguer."""
     for name in REQUIRED_FILES:
-        if not (path / name).is_file():
+        if not is_file(path / name):
             raise ModelStoreError(path / name, "missing from the Qwen3-VL backbone directory")
-    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+    if not is_file(path / "tokenizer.json") and not is_file(path / "vocab.json"):
         raise ModelStoreError(path / "tokenizer.json", "missing: the backbone has no tokenizer")
     config = _read_json(path / "config.json")
     if config.get("model_type") != "qwen3_vl":
@@ -268,7 +269,7 @@ def _check_files(path: Path) -> None:
 def _weights_file(path: Path) -> Path:
     """The single or sharded safetensors weights (the shards are checked on loading)."""
     for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (path / name).is_file():
+        if is_file(path / name):
             return path / name
     raise ModelStoreError(path / "model.safetensors", "missing: the backbone has no weights")
 
@@ -285,9 +286,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_chat_template(path: Path) -> str:
     """The template from the processor's files, for checkpoints whose tokenizer lacks one."""
-    if (path / "chat_template.jinja").is_file():
+    if is_file(path / "chat_template.jinja"):
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
-    if (path / "chat_template.json").is_file():
+    if is_file(path / "chat_template.json"):
         template = _read_json(path / "chat_template.json").get("chat_template")
         if isinstance(template, str) and template:
             return template

@@ -22,6 +22,7 @@ from transformers import (
 from app.model.backbones.base import Backbone
 from app.model.config import BackboneConfig, Pooling, resolve_path
 from app.model.errors import InputError, ModelStoreError
+from app.model.files import is_dir, is_file
 from app.model.post import Post
 
 # What a failed `from_pretrained` raises in practice: unreadable or malformed files.
@@ -48,7 +49,7 @@ def pool_hidden(
 
 
 def _first_existing(directory: Path, names: Sequence[str]) -> Path | None:
-    return next((directory / n for n in names if (directory / n).is_file()), None)
+    return next((directory / n for n in names if is_file(directory / n)), None)
 
 
 def load_pretrained_encoder(directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -57,10 +58,10 @@ def load_pretrained_encoder(directory: Path) -> tuple[PreTrainedModel, PreTraine
     Every failure is a `ModelStoreError` naming the file at fault, and weights missing from the
     checkpoint are an error too (transformers would otherwise initialise them at random).
     """
-    if not directory.is_dir():
+    if not is_dir(directory):
         raise ModelStoreError(directory, "text-encoder directory does not exist")
     config_file = directory / "config.json"
-    if not config_file.is_file():
+    if not is_file(config_file):
         raise ModelStoreError(config_file, "missing (text-encoder config)")
     weights = _first_existing(directory, WEIGHT_FILES)
     if weights is None:

@@ -1,0 +1,154 @@
+"""Tables and goals of `serving_bench.py` (issue 6's benchmarks 1-4), as markdown."""
+
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def sweep_line(row: Row) -> str:
+    extra = ""
+    if "mean_batch" in row:
+        extra = (
+            f"  batch {row['mean_batch']:.1f}  wait {row['queue_wait_ms']:.1f} ms"
+            f"  fwd {row['forward_ms']:.1f} ms"
+        )
+    return (
+        f"{row['server']:>20}  c={row['concurrency']:<4} {row['posts_per_s']:7.1f} posts/s  "
+        f"p50 {row['p50_ms']:7.1f}  p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}"
+        f"  client cpu {row['client_cpu_pct']:.0f} %{extra}"
+    )
+
+
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(result: dict[str, Any], max_batch: int, max_wait_ms: float) -> str:
+    forward = {row["batch"]: row for row in result["inprocess"]["forward"]}
+    ceiling, single = forward[max_batch], forward[1]
+    by_server: dict[str, dict[int, Row]] = {}
+    for row in result["sweeps"]:
+        by_server.setdefault(row["server"], {})[row["concurrency"]] = row
+    radar = by_server[f"radar batch<={max_batch}"]
+    batch1 = by_server.get("radar batch<=1", {})
+    litserves = {name: rows for name, rows in by_server.items() if name.startswith("litserve")}
+    top = max(radar)
+    lines = [
+        f"In-process forward (`RouterEngine.route`, {result['inprocess']['torch_threads']} "
+        f"torch threads, {result['inprocess']['tokens_per_post']:.0f} tokens/post): "
+        f"batch 1 {single['forward_ms']:.1f} ms = {single['posts_per_s']:.1f} posts/s; "
+        f"batch {max_batch} {ceiling['forward_ms']:.1f} ms = {ceiling['posts_per_s']:.1f} "
+        "posts/s (the ceiling).",
+        "",
+        "**1. HTTP vs in-process** (goal ≥ 0.9×)",
+        "",
+        "| | posts/s | × in-process |",
+        "|---|---|---|",
+        f"| in-process forward, batch {max_batch} | {ceiling['posts_per_s']:.1f} | 1.00 |",
+    ]
+    best = max(radar.values(), key=lambda r: r["posts_per_s"])
+    ratio = best["posts_per_s"] / ceiling["posts_per_s"]
+    lines += [
+        f"| `/route` at saturation (c={best['concurrency']}) | {best['posts_per_s']:.1f} | "
+        f"{ratio:.2f} — {_verdict(ratio >= 0.9)} |",
+        "",
+        f"**2. Dynamic batching vs batch-1** (max batch {max_batch}, wait {max_wait_ms:g} ms)",
+        "",
+        "| concurrency | batched posts/s | p50 / p99 ms | batch-1 posts/s | p50 / p99 ms | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(radar):
+        b, s = radar[c], batch1.get(c)
+        lines.append(
+            f"| {c} | {b['posts_per_s']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | "
+            f"{_num(s and s['posts_per_s'])} | "
+            f"{_num(s and s['p50_ms'], 0)} / {_num(s and s['p99_ms'], 0)} | "
+            f"{_num(s and b['posts_per_s'] / s['posts_per_s'], 2)} |"
+        )
+    if max_batch in radar and max_batch in batch1:
+        at = radar[max_batch]["posts_per_s"]
+        vs_ceiling = at / ceiling["posts_per_s"]
+        vs_single = at / batch1[max_batch]["posts_per_s"]
+        lines += [
+            "",
+            f"At concurrency {max_batch}: {vs_ceiling:.2f}× the in-process ceiling (goal ≥ 0.9: "
+            f"{_verdict(vs_ceiling >= 0.9)}), {vs_single:.2f}× the batch-1 service (goal ≥ 2: "
+            f"{_verdict(vs_single >= 2)}).",
+        ]
+    for name, rows in litserves.items():
+        lines += _litserve_table(radar, name, rows)
+    lines += _sweep_table(radar, max_batch)
+    lines += _latency_goals(radar, forward, max_batch, max_wait_ms, top)
+    return "\n".join(lines) + "\n"
+
+
+def _litserve_table(radar: dict[int, Row], name: str, litserve: dict[int, Row]) -> list[str]:
+    lines = [
+        "",
+        f"**3. Against LitServe**: {name} (same model code, batch and wait; goal: our "
+        "throughput ≥ LitServe's at equal or better p99)",
+        "",
+        "| concurrency | RADAR posts/s | p99 ms | LitServe posts/s | p99 ms | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in sorted(radar):
+        ours, theirs = radar[c], litserve.get(c)
+        if theirs is None:
+            continue
+        ok = ours["posts_per_s"] >= theirs["posts_per_s"] and ours["p99_ms"] <= theirs["p99_ms"]
+        lines.append(
+            f"| {c} | {ours['posts_per_s']:.1f} | {ours['p99_ms']:.0f} | "
+            f"{theirs['posts_per_s']:.1f} | {theirs['p99_ms']:.0f} | {_verdict(ok)} |"
+        )
+    return lines
+
+
+def _sweep_table(radar: dict[int, Row], max_batch: int) -> list[str]:
+    lines = [
+        "",
+        f"**4. Concurrency sweep** (RADAR, max batch {max_batch}; server-side split from "
+        "`/metrics`: mean queue wait per post, mean forward per batch)",
+        "",
+        "| concurrency | posts/s | p50 ms | p99 ms | mean batch | queue wait ms | forward ms "
+        "| errors | client CPU % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(radar):
+        r = radar[c]
+        lines.append(
+            f"| {c} | {r['posts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"{_num(r.get('mean_batch'))} | {_num(r.get('queue_wait_ms'))} | "
+            f"{_num(r.get('forward_ms'))} | {r['errors']} | {r['client_cpu_pct']:.0f} |"
+        )
+    return lines
+
+
+def _latency_goals(
+    radar: dict[int, Row], forward: dict[int, Row], max_batch: int, wait_ms: float, top: int
+) -> list[str]:
+    lines = ["", "| latency goal | bound | measured | verdict |", "|---|---|---|---|"]
+    if 1 in radar:
+        bound = forward[1]["forward_ms"] + wait_ms + 5
+        p50 = radar[1]["p50_ms"]
+        lines.append(
+            f"| c=1: p50 ≤ forward(batch 1) + max_wait + 5 ms | {bound:.1f} ms | {p50:.1f} ms "
+            f"| {_verdict(p50 <= bound)} |"
+        )
+    if max_batch in radar:
+        bound = 2 * forward[max_batch]["forward_ms"] + wait_ms
+        p99 = radar[max_batch]["p99_ms"]
+        lines.append(
+            f"| c={max_batch}: p99 ≤ 2 × forward(batch {max_batch}) + max_wait | {bound:.1f} ms "
+            f"| {p99:.1f} ms | {_verdict(p99 <= bound)} |"
+        )
+    mean_batch = radar[top].get("mean_batch")
+    if mean_batch is not None:
+        lines.append(
+            f"| saturation (c={top}): mean batch ≥ 0.8 × {max_batch} | {0.8 * max_batch:.1f} "
+            f"| {mean_batch:.1f} | {_verdict(mean_batch >= 0.8 * max_batch)} |"
+        )
+    return lines
