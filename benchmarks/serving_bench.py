@@ -225,6 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="LitServe baselines: its default multiprocessing-Manager queues, its ZeroMQ "
         "'fast_queue', both (default) or none",
     )
+    p.add_argument("--rounds", type=int, default=1, help="repeat everything; report medians")
     p.add_argument("--no-batch1", action="store_true", help="skip the batch-1 RADAR service")
     p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="RADAR env")
     p.add_argument("--json", type=Path, help="write every figure here")
@@ -236,24 +237,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    """`--rounds` rounds of every measurement, servers restarted each round; the tables use
+    the median of the rounds (this machine's noise between runs is larger than the effects)."""
     workdir = Path(tempfile.mkdtemp(prefix="radar-serving-"))
     posts = bodies(64, args.images, args.words)
     bodies_file = workdir / "bodies.json"
     bodies_file.write_text(json.dumps([b.decode() for b in posts]))
-    print(f"in-process forward ({args.model_dir}) ...", flush=True)
-    result: dict[str, Any] = {"inprocess": inprocess(args, bodies_file)}
-    print(json.dumps(result["inprocess"]), flush=True)
-    result["sweeps"] = await run_radar(args, args.max_batch_size, posts, workdir)
-    if not args.no_batch1:
-        result["sweeps"] += await run_radar(args, 1, posts, workdir)
     queues = {"none": [], "both": ["manager", "zmq"]}.get(args.litserve, [args.litserve])
     if queues and not _litserve_installed():
         print("litserve is not installed (pip install -e '.[bench]'): no LitServe baseline")
         queues = []
-    for queue in queues:
-        result["sweeps"] += await run_litserve(args, queue, posts, workdir)
-    result["logs"] = str(workdir)
-    return result
+    forwards: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_}/{args.rounds}: in-process forward ({args.model_dir}) ...")
+        measured = inprocess(args, bodies_file)
+        forwards += [{**row, "round": round_} for row in measured["forward"]]
+        print(json.dumps(measured["forward"]), flush=True)
+        rows = await run_radar(args, args.max_batch_size, posts, workdir)
+        if not args.no_batch1:
+            rows += await run_radar(args, 1, posts, workdir)
+        for queue in queues:
+            rows += await run_litserve(args, queue, posts, workdir)
+        sweeps += [{**row, "round": round_} for row in rows]
+    return {
+        "inprocess": {**measured, "forward": serving_report.medians(forwards, ["batch"])},
+        "sweeps": serving_report.medians(sweeps, ["server", "concurrency"]),
+        "rounds": {"forward": forwards, "sweeps": sweeps},
+        "logs": str(workdir),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

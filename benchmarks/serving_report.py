@@ -1,8 +1,37 @@
 """Tables and goals of `serving_bench.py` (issue 6's benchmarks 1-4), as markdown."""
 
+import statistics
 from typing import Any
 
 Row = dict[str, Any]
+
+
+def medians(rows: list[Row], keys: list[str]) -> list[Row]:
+    """One row per `keys` group: the median of each figure over the rounds, and the range
+    of the throughput (`<figure>_min`, `<figure>_max`) where there was more than one."""
+    groups: dict[tuple[Any, ...], list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    merged = []
+    for group in groups.values():
+        row = {k: group[0][k] for k in keys}
+        for name, value in group[0].items():
+            if name in keys or name == "round" or not isinstance(value, int | float):
+                continue
+            values = [r[name] for r in group if name in r]
+            row[name] = statistics.median(values)
+            if name == "posts_per_s" and len(values) > 1:
+                row["posts_per_s_min"], row["posts_per_s_max"] = min(values), max(values)
+        row["rounds"] = len(group)
+        merged.append(row)
+    return merged
+
+
+def _rate(row: Row) -> str:
+    """Throughput, with its range over the rounds when there were several."""
+    if "posts_per_s_min" not in row:
+        return f"{row['posts_per_s']:.1f}"
+    return f"{row['posts_per_s']:.1f} ({row['posts_per_s_min']:.0f}–{row['posts_per_s_max']:.0f})"
 
 
 def sweep_line(row: Row) -> str:
@@ -37,7 +66,11 @@ def markdown(result: dict[str, Any], max_batch: int, max_wait_ms: float) -> str:
     batch1 = by_server.get("radar batch<=1", {})
     litserves = {name: rows for name, rows in by_server.items() if name.startswith("litserve")}
     top = max(radar)
+    rounds = result["sweeps"][0].get("rounds", 1)
     lines = [
+        f"Figures are medians of {rounds} round(s), servers restarted each round; posts/s "
+        "ranges over the rounds in parentheses.",
+        "",
         f"In-process forward (`RouterEngine.route`, {result['inprocess']['torch_threads']} "
         f"torch threads, {result['inprocess']['tokens_per_post']:.0f} tokens/post): "
         f"batch 1 {single['forward_ms']:.1f} ms = {single['posts_per_s']:.1f} posts/s; "
@@ -53,7 +86,7 @@ def markdown(result: dict[str, Any], max_batch: int, max_wait_ms: float) -> str:
     best = max(radar.values(), key=lambda r: r["posts_per_s"])
     ratio = best["posts_per_s"] / ceiling["posts_per_s"]
     lines += [
-        f"| `/route` at saturation (c={best['concurrency']}) | {best['posts_per_s']:.1f} | "
+        f"| `/route` at saturation (c={best['concurrency']}) | {_rate(best)} | "
         f"{ratio:.2f} — {_verdict(ratio >= 0.9)} |",
         "",
         f"**2. Dynamic batching vs batch-1** (max batch {max_batch}, wait {max_wait_ms:g} ms)",
@@ -64,8 +97,8 @@ def markdown(result: dict[str, Any], max_batch: int, max_wait_ms: float) -> str:
     for c in sorted(radar):
         b, s = radar[c], batch1.get(c)
         lines.append(
-            f"| {c} | {b['posts_per_s']:.1f} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | "
-            f"{_num(s and s['posts_per_s'])} | "
+            f"| {c} | {_rate(b)} | {b['p50_ms']:.0f} / {b['p99_ms']:.0f} | "
+            f"{_rate(s) if s else '–'} | "
             f"{_num(s and s['p50_ms'], 0)} / {_num(s and s['p99_ms'], 0)} | "
             f"{_num(s and b['posts_per_s'] / s['posts_per_s'], 2)} |"
         )
@@ -101,8 +134,8 @@ def _litserve_table(radar: dict[int, Row], name: str, litserve: dict[int, Row]) 
             continue
         ok = ours["posts_per_s"] >= theirs["posts_per_s"] and ours["p99_ms"] <= theirs["p99_ms"]
         lines.append(
-            f"| {c} | {ours['posts_per_s']:.1f} | {ours['p99_ms']:.0f} | "
-            f"{theirs['posts_per_s']:.1f} | {theirs['p99_ms']:.0f} | {_verdict(ok)} |"
+            f"| {c} | {_rate(ours)} | {ours['p99_ms']:.0f} | "
+            f"{_rate(theirs)} | {theirs['p99_ms']:.0f} | {_verdict(ok)} |"
         )
     return lines
 
@@ -120,7 +153,7 @@ def _sweep_table(radar: dict[int, Row], max_batch: int) -> list[str]:
     for c in sorted(radar):
         r = radar[c]
         lines.append(
-            f"| {c} | {r['posts_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+            f"| {c} | {_rate(r)} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{_num(r.get('mean_batch'))} | {_num(r.get('queue_wait_ms'))} | "
             f"{_num(r.get('forward_ms'))} | {r['errors']} | {r['client_cpu_pct']:.0f} |"
         )
