@@ -1,7 +1,8 @@
 """Dynamic batching: posts from concurrent callers share one forward pass.
 
 Callers `submit` a post and await its future. One coroutine gathers up to `max_batch_size`
-posts or waits `max_wait_s` after the first, whichever comes first, drops posts whose
+posts or waits `max_wait_s` after the first, whichever comes first (no wait at all for a
+lone post at low load, see `SOLO_BATCHES`), drops posts whose
 caller has gone (cancelled future) or whose deadline has passed, and runs the batch on a
 single worker thread that owns the device, so the event loop never blocks on the model.
 
@@ -43,6 +44,12 @@ COST_EWMA = 0.2
 # stalled by a CPU hiccup must not refuse traffic by itself; a real slowdown still lifts
 # the estimate by up to 1.6x per batch.
 COST_STEP = 4.0
+# After this many single-post batches in a row, a lone post (nothing else queued or being
+# decoded) goes to the model at once instead of waiting `max_wait_s` for company that has
+# not come lately: at low load the wait buys no batching and costs every post its latency
+# (a sequential caller: ~27 vs ~34 posts/s on the proxy router, docs/performance.md). Any
+# batch of two or more turns the wait back on, so rising load batches as before.
+SOLO_BATCHES = 3
 
 
 @dataclass
@@ -86,6 +93,7 @@ class DynamicBatcher:
         self._cycle_started = 0.0
         self._in_model = 0  # posts in the forward now running
         self._reserved = 0  # admitted posts not queued yet (images decoding)
+        self._solo_streak = 0  # single-post batches in a row, just before this one
         metrics.track_queue(self._queue.qsize)
 
     @property
@@ -169,7 +177,7 @@ class DynamicBatcher:
         # The cycle this batch costs starts now: gathering, the forward, and the wait for
         # CPU between them all delay the posts queued behind it.
         self._cycle_started = time.monotonic()
-        close_at = self._cycle_started + self.max_wait_s
+        close_at = self._cycle_started + (self.max_wait_s if self._worth_waiting() else 0.0)
         while len(batch) < self.max_batch_size:
             try:
                 batch.append(self._queue.get_nowait())
@@ -183,7 +191,13 @@ class DynamicBatcher:
                 batch.append(await asyncio.wait_for(self._queue.get(), remaining))
             except TimeoutError:
                 break
+        self._solo_streak = self._solo_streak + 1 if len(batch) == 1 else 0
         return batch
+
+    def _worth_waiting(self) -> bool:
+        """Whether to hold the batch open `max_wait_s` for more posts (see `SOLO_BATCHES`)."""
+        alone = self._queue.empty() and self._reserved == 0
+        return not (alone and self._solo_streak >= SOLO_BATCHES)
 
     async def _process(self, batch: list[_Pending]) -> None:
         now = time.monotonic()

@@ -93,3 +93,36 @@ async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:
         )
         assert state.batcher.alive
     assert [r.status_code for r in responses] == [200] * 6
+
+
+async def test_lone_posts_skip_the_wait_at_low_load_and_batching_resumes(running) -> None:
+    # A long deadline: the admission's cost estimate counts the first posts' 1 s waits.
+    async with running(max_batch_size=8, max_wait_ms=1000, deadline_ms=60000) as (client, state):
+        forwards = []
+        real_forward = state.router.forward
+
+        def counting(inputs):
+            forwards.append(int(inputs["input_ids"].shape[0]))
+            return real_forward(inputs)
+
+        state.router.forward = counting
+        latencies = []
+        for i in range(6):  # one caller at a time
+            started = asyncio.get_running_loop().time()
+            assert (await client.post("/route", json=post(f"q{i}", "x"))).status_code == 200
+            latencies.append(asyncio.get_running_loop().time() - started)
+        # The first three wait the full max_wait for company; then lone posts go at once.
+        assert all(t >= 1.0 for t in latencies[:3]), latencies
+        assert all(t < 0.8 for t in latencies[3:]), latencies
+
+        async def burst(tag: str) -> None:
+            responses = await asyncio.gather(
+                *(client.post("/route", json=post(f"{tag}{i}", "x " * i)) for i in range(8))
+            )
+            assert all(r.status_code == 200 for r in responses)
+
+        await burst("a")  # the first of a sudden burst may go alone ...
+        assert sum(forwards[6:]) == 8 and len(forwards[6:]) <= 2, forwards
+        del forwards[:]
+        await burst("b")  # ... after which the wait is back: eight callers, one forward
+    assert forwards == [8]
