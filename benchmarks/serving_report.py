@@ -155,7 +155,7 @@ def _sweep_table(radar: dict[int, Row], max_batch: int) -> list[str]:
         lines.append(
             f"| {c} | {_rate(r)} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
             f"{_num(r.get('mean_batch'))} | {_num(r.get('queue_wait_ms'))} | "
-            f"{_num(r.get('forward_ms'))} | {r['errors']} | {r['client_cpu_pct']:.0f} |"
+            f"{_num(r.get('forward_ms'))} | {r['errors']:.0f} | {r['client_cpu_pct']:.0f} |"
         )
     return lines
 
