@@ -119,6 +119,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.ready = Gauge("radar_ready", "1 when the service is ready.", registry=r)
+        self.audits = Counter(
+            "radar_audit",
+            "Released decisions sampled for audit (sent to the vertical anyway).",
+            ["category"],
+            registry=r,
+        )
         for metric, values in (
             (self.fallbacks, get_args(FallbackReason)),
             (self.rejected, get_args(RejectReason)),
@@ -134,6 +140,7 @@ class ServiceMetrics:
             for decision in get_args(DecisionLabel):
                 self.decisions.labels(name, decision)
             self.scores.labels(name)
+            self.audits.labels(name)
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
@@ -167,6 +174,10 @@ class ServiceMetrics:
             self.decisions.labels(name, decision).inc()
             if name in scores:
                 self.scores.labels(name).observe(scores[name])
+
+    def record_audit(self, categories: Sequence[str]) -> None:
+        for name in categories:
+            self.audits.labels(name).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -133,19 +133,25 @@ def _results(
         raise RuntimeError("decisions without a router")
     model_version = state.router.config.model_version
     results = []
+    categories = state.router.categories
     for post, decision in zip(posts, decisions, strict=True):
         state.metrics.record_post(
-            decision.scores, decision.dispatch, state.router.categories, decision.fallback_reason
+            decision.scores, decision.dispatch, categories, decision.fallback_reason
         )
+        released = [name for name in categories if name not in decision.dispatch]
+        audit = state.audit.pick(post.post_id, released) if state.audit else []
+        state.metrics.record_audit(audit)
+        flags = [Flag.FALLBACK] if decision.fallback_reason else []
         results.append(
             RouteResult(
                 post_id=post.post_id,
                 scores=decision.scores,
                 dispatch=decision.dispatch,
                 auto_pass=decision.auto_pass,
+                audit=audit,
                 thresholds_version=decision.thresholds_version,
                 model_version=model_version,
-                flags=[Flag.FALLBACK] if decision.fallback_reason else [],
+                flags=[*flags, Flag.AUDIT] if audit else flags,
             )
         )
     return results

@@ -107,6 +107,7 @@ class Flag(StrEnum):
     """Anything unusual about a decision."""
 
     FALLBACK = "fallback"  # the model failed: dispatched to every category, never auto-passed
+    AUDIT = "audit"  # sampled for audit: send to the `audit` categories' verticals too
 
 
 class RouteResult(BaseModel):
@@ -119,6 +120,12 @@ class RouteResult(BaseModel):
     )
     dispatch: list[str] = Field(description="categories sent to their vertical", examples=[["rcs"]])
     auto_pass: bool = Field(description="true when dispatched to no vertical")
+    audit: list[str] = Field(
+        default_factory=list,
+        description="categories the router released but samples for audit: send the post to "
+        "these verticals as well (their verdicts measure what the router misses)",
+        examples=[["lqc"]],
+    )
     thresholds_version: str | None
     model_version: str
     flags: list[Flag] = Field(default_factory=list)

@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=10_000, ge=1, description="title / OCR text, each")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
 
+    audit_rate: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="share of released decisions (a category not dispatched to) sent to that "
+        "category's vertical anyway, flagged `audit` (deterministic in post_id)",
+    )
+    audit_rates: dict[str, float] = Field(
+        default_factory=dict,
+        description='per-category audit rates overriding RADAR_AUDIT_RATE, JSON: {"spam": 0.05}',
+    )
+
     url_allowlist: list[str] = Field(default_factory=list, description="hosts image URLs may use")
     url_connect_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
     url_read_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)
@@ -71,6 +83,9 @@ class Settings(BaseSettings):
     def _consistent(self) -> "Settings":
         if self.deadline_ms <= self.max_wait_ms:
             raise ValueError("RADAR_DEADLINE_MS must exceed RADAR_MAX_WAIT_MS")
+        bad = {name: rate for name, rate in self.audit_rates.items() if not 0 <= rate <= 1}
+        if bad:
+            raise ValueError(f"RADAR_AUDIT_RATES must be between 0 and 1: {bad}")
         if self.queue_size < self.max_batch_size:
             raise ValueError("RADAR_QUEUE_SIZE must be at least RADAR_MAX_BATCH_SIZE")
         return self

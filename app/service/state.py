@@ -12,6 +12,7 @@ from transformers.utils import logging as transformers_logging
 from app.model.post import Post
 from app.model.router import Router
 from app.model.store import load_router
+from app.service.audit import AuditConfigError, AuditSampler
 from app.service.batcher import DynamicBatcher
 from app.service.engine import Decision, RouterEngine
 from app.service.errors import NotReadyError
@@ -41,6 +42,7 @@ class ServiceState:
         self.images = ImageLoader(settings)
         self.router: Router | None = None
         self.engine: RouterEngine | None = None
+        self.audit: AuditSampler | None = None
         self.thresholds: ThresholdsStore | None = None
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
@@ -65,6 +67,11 @@ class ServiceState:
             # One clear line before the framework's traceback (a broken store raises
             # ModelStoreError; a truncated backbone file whatever its loader raises).
             log.error("cannot load the router from %s: %s", s.model_dir, exc)
+            raise
+        try:  # a bad rate map fails start-up, like a bad model store: never silently no audits
+            self.audit = AuditSampler(s.audit_rate, s.audit_rates, self.router.categories)
+        except AuditConfigError as exc:
+            log.error("%s", exc)
             raise
         self.engine = RouterEngine(self.router)
         version = self.router.config.model_version
