@@ -138,6 +138,8 @@ def _results(
         state.metrics.record_post(
             decision.scores, decision.dispatch, categories, decision.fallback_reason
         )
+        if state.shadow is not None:
+            state.shadow.observe(decision.scores)  # counters only: the shadow never acts
         released = [name for name in categories if name not in decision.dispatch]
         audit = state.audit.pick(post.post_id, released) if state.audit else []
         state.metrics.record_audit(audit)

@@ -17,6 +17,11 @@ class Settings(BaseSettings):
 
     model_dir: Path = Field(default=Path("model_store/proxy"), description="model-store dir")
     thresholds_path: Path = Field(default=Path("thresholds/proxy.yaml"))
+    shadow_thresholds_path: Path | None = Field(
+        default=None,
+        description="candidate thresholds decided beside the active ones, never acting "
+        "(radar_shadow_* metrics); unset: no shadow",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model_thread_nice: int = Field(
         default=0,

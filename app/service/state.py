@@ -19,6 +19,7 @@ from app.service.errors import NotReadyError
 from app.service.images import ImageLoader
 from app.service.metrics import ServiceMetrics
 from app.service.settings import Settings
+from app.service.shadow import ShadowThresholds
 from app.thresholds import ActiveThresholds, ReloadResult, ThresholdsStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class ServiceState:
         self.router: Router | None = None
         self.engine: RouterEngine | None = None
         self.audit: AuditSampler | None = None
+        self.shadow: ShadowThresholds | None = None
         self.thresholds: ThresholdsStore | None = None
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
@@ -79,6 +81,11 @@ class ServiceState:
         self.metrics.init_categories(self.router.categories)
         self.thresholds = ThresholdsStore(s.thresholds_path, self.router.categories, version)
         self.apply_reload(await asyncio.to_thread(self.thresholds.reload))
+        if s.shadow_thresholds_path is not None:
+            self.shadow = ShadowThresholds(
+                s.shadow_thresholds_path, self.router.categories, version, self.metrics.registry
+            )
+            await asyncio.to_thread(self.shadow.reload)
         self.batcher = DynamicBatcher(
             self._run_batch,
             self.metrics,
@@ -169,6 +176,8 @@ class ServiceState:
                 continue
             try:
                 self.apply_reload(await asyncio.to_thread(self.thresholds.reload_if_modified))
+                if self.shadow is not None:
+                    await asyncio.to_thread(self.shadow.reload_if_modified)
             except Exception:  # the watcher must survive anything a file can do
                 log.exception("thresholds watcher step failed")
 

@@ -1,0 +1,101 @@
+"""Shadow thresholds: a candidate thresholds file decided beside the active one, never acting.
+
+Ops point `RADAR_SHADOW_THRESHOLDS_PATH` at a candidate (e.g. a new `radar calibrate` output).
+Every routed post is decided under it as well; only counters move
+(`radar_shadow_decisions_total{category,decision}`, `radar_shadow_auto_pass_total`, next to
+the active file's own), so a dashboard shows both auto-pass rates side by side before
+`radar thresholds promote` makes the candidate act. The file is polled and validated like the
+active one; a refused candidate keeps the previous one, and deleting the file ends the shadow.
+"""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import get_args
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from app.thresholds import RefusalReason, ReloadResult, ThresholdsStore
+
+log = logging.getLogger(__name__)
+
+
+class ShadowThresholds:
+    """The candidate file's store and its `radar_shadow_*` series."""
+
+    def __init__(
+        self,
+        path: Path,
+        categories: Sequence[str],
+        model_version: str,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.store = ThresholdsStore(path, categories, model_version)
+        self.categories = tuple(categories)
+        r = registry
+        self.posts = Counter("radar_shadow_posts", "Posts decided under the shadow.", registry=r)
+        self.auto_pass = Counter(
+            "radar_shadow_auto_pass", "Posts the shadow would dispatch nowhere.", registry=r
+        )
+        self.decisions = Counter(
+            "radar_shadow_decisions",
+            "Per-category decisions under the shadow thresholds (they do not act).",
+            ["category", "decision"],
+            registry=r,
+        )
+        self.info = Gauge(
+            "radar_shadow_thresholds_info",
+            "Shadow thresholds version (value 1).",
+            ["version"],
+            registry=r,
+        )
+        self.threshold = Gauge(
+            "radar_shadow_threshold", "Shadow tau per category.", ["category"], registry=r
+        )
+        self.reload_failures = Counter(
+            "radar_shadow_reload_failures",
+            "Shadow thresholds files refused.",
+            ["reason"],
+            registry=r,
+        )
+        for name in self.categories:
+            for decision in ("dispatch", "pass"):
+                self.decisions.labels(name, decision)
+        for reason in get_args(RefusalReason):
+            self.reload_failures.labels(reason)
+
+    def reload(self) -> None:
+        self._apply(self.store.reload())
+
+    def reload_if_modified(self) -> None:
+        self._apply(self.store.reload_if_modified())
+
+    def observe(self, scores: dict[str, float]) -> None:
+        """Decide one scored post under the shadow, if there is one; counters only."""
+        shadow = self.store.active
+        if shadow is None or not scores:
+            return
+        dispatch = set(shadow.dispatch(scores))
+        self.posts.inc()
+        if not dispatch:
+            self.auto_pass.inc()
+        for name in self.categories:
+            self.decisions.labels(name, "dispatch" if name in dispatch else "pass").inc()
+
+    def _apply(self, result: ReloadResult | None) -> None:
+        if result is None:
+            return
+        if result.status == "refused" and not self.store.path.exists():
+            # The candidate was withdrawn: stop shadowing rather than keep a stale one.
+            if self.store.active is not None:
+                log.info("shadow thresholds %s withdrawn", self.store.active.version)
+            self.store.active = None
+            self.info.clear()
+            return
+        if result.status == "refused" and result.reason is not None:
+            self.reload_failures.labels(result.reason).inc()
+        if result.active is not None:
+            self.info.clear()
+            self.info.labels(result.active.version).set(1)
+            for name, tau in result.active.taus.items():
+                self.threshold.labels(name).set(tau)
