@@ -56,14 +56,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     RADAR_HOST=0.0.0.0 \
     RADAR_PORT=8000 \
     RADAR_MODEL_DIR=/srv/radar/model_store/default \
-    RADAR_THRESHOLDS_PATH=/srv/radar/thresholds/default.yaml
+    RADAR_THRESHOLDS_PATH=/srv/radar/thresholds/default.yaml \
+    RADAR_DECISION_LOG_PATH=/srv/radar/data/decision_log.sqlite3
 WORKDIR /srv/radar
 # Mount points: checkpoints live outside the image (mounted read-only), and thresholds are a
 # mounted directory so the service sees a file renamed over the active one (a single-file
-# bind mount would keep the old inode and never see the edit).
-RUN mkdir -p /srv/radar/model_store /srv/radar/thresholds \
+# bind mount would keep the old inode and never see the edit). data/ holds the decision log
+# (SQLite): a volume, so verdicts survive a new container.
+RUN mkdir -p /srv/radar/model_store /srv/radar/thresholds /srv/radar/data \
     && chown -R 10001:10001 /srv/radar
-VOLUME ["/srv/radar/model_store", "/srv/radar/thresholds"]
+VOLUME ["/srv/radar/model_store", "/srv/radar/thresholds", "/srv/radar/data"]
 USER 10001:10001
 EXPOSE 8000
 # Liveness only: the port opens once the model is loaded and warm (readiness is /readyz), so

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from app.cli_ops import add_operations_commands
 from app.model.errors import ModelStoreError
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _serve(args: argparse.Namespace) -> int:
 
-    from app.model.store import read_config
+    from app.model.config import read_config
     from app.service.settings import Settings
 
     overrides = {
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write thresholds even for categories with too few positives (noted in the file)",
     )
     calibrate.set_defaults(handler=_calibrate)
+
+    add_operations_commands(commands)
     return parser
 
 
@@ -400,14 +403,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Provenance for reports and thresholds files: the command as typed.
     args.command_line = shlex.join(["radar", *(sys.argv[1:] if argv is None else argv)])
     handler: Handler = args.handler
-    from app.training.data import DataError
-    from app.training.teach import TeachError
-
     try:
         return handler(args)
-    except (ModelStoreError, DataError, TeachError, ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _usage_errors()):
+            raise
         print(f"radar {args.command}: {exc}", file=sys.stderr)
         return 2
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean unusable input (exit 2, one line, no traceback). The training ones
+    only when a command loaded their modules: importing those for every command would load
+    torch (seconds) for `radar thresholds` too."""
+    errors: list[type[Exception]] = [ModelStoreError, ValueError]
+    for module, name in (("app.training.data", "DataError"), ("app.training.teach", "TeachError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 if __name__ == "__main__":

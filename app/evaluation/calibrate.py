@@ -31,7 +31,7 @@ import yaml
 
 from app.evaluation.evaluate import ScoredData, default_command, now_iso, score_data
 from app.evaluation.metrics import auto_pass_at_recall, overall_auto_pass_rate
-from app.model.store import read_config
+from app.model.config import read_config
 from app.thresholds import ThresholdsFile, validate_for_model
 from app.training.data import label_matrix, load_records
 

@@ -33,7 +33,8 @@ from app.evaluation.metrics import (
     evaluate_scores,
     overall_auto_pass_rate,
 )
-from app.model.store import load_router, read_config
+from app.model.config import read_config
+from app.model.store import load_router
 from app.thresholds import load_thresholds
 from app.training.data import PostDataset, fingerprint, label_matrix, load_records
 from app.training.loop_parts import predict

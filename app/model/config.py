@@ -4,9 +4,17 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.model.errors import ModelStoreError
+from app.model.files import is_file
 
 BackboneFamily = Literal["qwen3_vl", "dual_encoder", "text_encoder"]
 Pooling = Literal["last_token", "mean", "cls"]
@@ -109,3 +117,29 @@ def resolve_path(reference: str, store_dir: Path) -> Path:
         return root / sub if sub else root
     path = Path(reference)
     return path if path.is_absolute() else store_dir / path
+
+
+# Reading a store's config needs no torch: `radar thresholds --model` stays instant.
+CONFIG_FILE = "router.json"
+
+
+def read_config(store_dir: Path) -> RouterConfig:
+    """Parse and validate `router.json`; errors name the file and the problem."""
+    return read_config_file(Path(store_dir) / CONFIG_FILE)
+
+
+def read_config_file(path: Path) -> RouterConfig:
+    """Parse and validate a router config JSON (a store's router.json or a training config)."""
+    if not is_file(path):
+        raise ModelStoreError(path, "missing (is this a model-store directory?)")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ModelStoreError(path, f"cannot read: {exc.strerror}") from None
+    try:
+        return RouterConfig.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ModelStoreError(path, f"invalid router config: {problems}") from None

@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from app.model.backbones import load_backbone
-from app.model.config import PACKAGE_PREFIX, RouterConfig, resolve_path
+from app.model.config import (
+    CONFIG_FILE,
+    PACKAGE_PREFIX,
+    RouterConfig,
+    read_config,
+    resolve_path,
+)
 from app.model.errors import ModelStoreError
 from app.model.files import is_dir, is_file
 from app.model.router import Router, wrap_with_lora
@@ -29,32 +34,9 @@ from app.model.router import Router, wrap_with_lora
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-CONFIG_FILE = "router.json"
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def read_config(store_dir: Path) -> RouterConfig:
-    """Parse and validate `router.json`; errors name the file and the problem."""
-    return read_config_file(Path(store_dir) / CONFIG_FILE)
-
-
-def read_config_file(path: Path) -> RouterConfig:
-    """Parse and validate a router config JSON (a store's router.json or a training config)."""
-    if not is_file(path):
-        raise ModelStoreError(path, "missing (is this a model-store directory?)")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ModelStoreError(path, f"cannot read: {exc.strerror}") from None
-    try:
-        return RouterConfig.model_validate_json(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ModelStoreError(path, f"invalid router config: {problems}") from None
 
 
 def write_config(config: RouterConfig, store_dir: Path) -> None:

@@ -90,3 +90,10 @@ class ClientGoneError(ServiceError):
 class TooManyPostsError(ServiceError):
     status_code = 413
     code = "too_many_posts"
+
+
+class FeedbackDisabledError(ServiceError):
+    """`POST /feedback` without a decision log to join verdicts to."""
+
+    status_code = 404
+    code = "feedback_disabled"

@@ -7,10 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from app.feedback.log import DecisionRecord
 from app.service.admin import admin_router
 from app.service.admission import ARRIVED
 from app.service.engine import Decision
 from app.service.errors import ClientGoneError, DeadlineExceededError, TooManyPostsError
+from app.service.feedback import feedback_router
 from app.service.intake import to_model_post
 from app.service.schemas import (
     BatchIn,
@@ -143,6 +145,8 @@ def _results(
         released = [name for name in categories if name not in decision.dispatch]
         audit = state.audit.pick(post.post_id, released) if state.audit else []
         state.metrics.record_audit(audit)
+        if state.decision_log is not None:
+            state.decision_log.record(_log_records(state, post.post_id, decision, audit))
         flags = [Flag.FALLBACK] if decision.fallback_reason else []
         results.append(
             RouteResult(
@@ -157,6 +161,29 @@ def _results(
             )
         )
     return results
+
+
+def _log_records(
+    state: ServiceState, post_id: str, decision: Decision, audit: list[str]
+) -> list[DecisionRecord]:
+    """The decision log's rows for one routed post: one per category."""
+    model_version = state.router.config.model_version if state.router else ""
+    rates = state.audit.rates if state.audit else {}
+    now = time.time()
+    return [
+        DecisionRecord(
+            post_id=post_id,
+            category=name,
+            score=decision.scores.get(name),
+            dispatched=name in decision.dispatch,
+            audited=name in audit,
+            audit_rate=rates.get(name, 0.0),
+            thresholds_version=decision.thresholds_version,
+            model_version=model_version,
+            decided_at=now,
+        )
+        for name in (state.router.categories if state.router else ())
+    ]
 
 
 @router.get("/healthz", tags=["health"])
@@ -196,3 +223,4 @@ async def metrics(state: State) -> Response:
 
 
 router.include_router(admin_router)
+router.include_router(feedback_router)

@@ -154,3 +154,26 @@ class ReloadOutcome(BaseModel):
     thresholds_version: str | None
     reason: str | None = None
     message: str = ""
+
+
+class VerdictIn(BaseModel):
+    """A vertical's verdict on a post the router saw."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    post_id: PostId
+    category: Text = Field(min_length=1, max_length=256, examples=["spam"])
+    violating: bool
+
+
+class FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    verdicts: list[VerdictIn] = Field(
+        min_length=1, description="at most RADAR_MAX_VERDICTS_PER_REQUEST"
+    )
+
+
+class FeedbackOutcome(BaseModel):
+    accepted: int = Field(description="verdicts stored (committed before this answer)")
+    joined: int = Field(description="of those, verdicts on a logged decision")

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         description='per-category audit rates overriding RADAR_AUDIT_RATE, JSON: {"spam": 0.05}',
     )
 
+    decision_log_path: Path | None = Field(
+        default=Path("data/decision_log.sqlite3"),
+        description="SQLite decision log that verdicts (POST /feedback) join; empty: off",
+    )
+    decision_log_retention_days: float = Field(default=30.0, gt=0.0, le=3650.0)
+    decision_log_max_rows: int = Field(default=10_000_000, ge=1000, description="(post, category)")
+    max_verdicts_per_request: int = Field(default=10_000, ge=1, le=1_000_000)
+
     url_allowlist: list[str] = Field(default_factory=list, description="hosts image URLs may use")
     url_connect_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
     url_read_timeout_s: float = Field(default=5.0, gt=0.0, le=120.0)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging as transformers_logging
 
+from app.feedback.log import DecisionLog, DecisionLogError
 from app.model.post import Post
 from app.model.router import Router
 from app.model.store import load_router
@@ -45,6 +46,7 @@ class ServiceState:
         self.engine: RouterEngine | None = None
         self.audit: AuditSampler | None = None
         self.shadow: ShadowThresholds | None = None
+        self.decision_log: DecisionLog | None = None
         self.thresholds: ThresholdsStore | None = None
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
@@ -76,6 +78,18 @@ class ServiceState:
             log.error("%s", exc)
             raise
         self.engine = RouterEngine(self.router)
+        if s.decision_log_path is not None:
+            self.decision_log = DecisionLog(
+                s.decision_log_path,
+                self.metrics.registry,
+                retention_s=s.decision_log_retention_days * 86400,
+                max_rows=s.decision_log_max_rows,
+            )
+            try:
+                await asyncio.to_thread(self.decision_log.start)
+            except DecisionLogError as exc:
+                log.error("%s", exc)
+                raise
         version = self.router.config.model_version
         self.metrics.set_model(version)
         self.metrics.init_categories(self.router.categories)
@@ -113,6 +127,8 @@ class ServiceState:
                 await self._watcher
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.decision_log is not None:  # after the batcher: the last decisions are logged
+            await asyncio.to_thread(self.decision_log.stop)
         await self.images.aclose()
         if self._torch_threads_before is not None:
             torch.set_num_threads(self._torch_threads_before)

@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from app.evaluation.metrics import evaluate_scores
-from app.model.config import RouterConfig
+from app.model.config import RouterConfig, read_config_file
 from app.model.router import Router
-from app.model.store import new_router, read_config_file, relocate_config
+from app.model.store import new_router, relocate_config
 from app.training.config import TrainConfig
 from app.training.data import (
     PostDataset,

@@ -10,6 +10,7 @@ lqc 1, rcs 1, fe 20/30. Everything is bounded in time and stops by itself.
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -150,6 +151,8 @@ def stack(tiny_store: Path, tmp_path: Path) -> Iterator[Stack]:
     write_thresholds(thresholds, "all-pass", dict.fromkeys(CATEGORIES, 1.0))
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config(service_port)))
+    # The shipped rules beside it, where `rule_files` looks: the real server loads them too.
+    shutil.copy(PROMETHEUS_CONFIG.parent / "alerts.yml", tmp_path / "alerts.yml")
     env = {
         **os.environ,
         "RADAR_HOST": "127.0.0.1",

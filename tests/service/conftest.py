@@ -58,6 +58,7 @@ def make_settings(tiny_store: Path, thresholds_path: Path) -> Callable[..., Sett
             # One intra-op thread: the tests check behaviour, and on a busy shared CPU the
             # default OpenMP team stalls forwards on a fresh model thread for seconds.
             "torch_threads": 1,
+            "decision_log_path": thresholds_path.parent / "decision_log.sqlite3",
         }
         values.update(overrides)
         return Settings(**values)

@@ -1,0 +1,173 @@
+"""Online quality per category from the decision log: recall and precision of dispatch,
+estimated by inverse-probability weighting (IPW) over the posts that have a verdict.
+
+Only some decisions come back with a verdict: every dispatched post reaches the vertical
+(inclusion probability pi = 1), and a released post does only when it was sampled for audit
+(pi = its category's `audit_rate` when decided). Weighting each verdict by w = 1/pi makes the
+judged rows stand for every decision: Σ w over violating rows estimates how many violating
+posts there were, including those released and never seen. For a rule "dispatch iff D":
+
+    recall    = Σ_{violating, D} w / Σ_{violating} w
+    precision = Σ_{violating, D} w / Σ_{D} w
+
+D is the decision actually taken (`dispatched`) or, for a threshold tau, `score > tau`. A
+candidate tau can be judged from the same verdicts because pi is set by what was actually
+done (dispatched or audited), not by the rule under evaluation; each released-and-audited
+row stands for 1/audit_rate released posts, which a lower candidate tau might dispatch.
+
+Rows left out: fallback decisions (score NULL: the model failed and the post went to every
+vertical) say nothing about the scores, and verdicts on rows neither dispatched nor audited
+(pi = 0, or an audit_rate outside (0, 1]) fit no sampling design; both are counted. Without
+a single audited verdict, misses are unobservable: recall is None, not 1.0.
+
+Both are ratios of weighted sums (Hajek estimators): consistent, slightly biased on few
+audits; the spread of recall is roughly sqrt(M (1 - r) / r) / V for M violating released
+posts, audit rate r and V violating posts. Each row carries its own audit_rate, so a rate
+changed mid-window is handled. Verdicts still pending are simply absent: a window whose
+audits come back slower than dispatched verdicts overstates recall until they arrive.
+
+Aggregation runs in SQLite (one GROUP BY over decisions LEFT JOIN feedback, using their
+(post_id, category) keys), so memory does not grow with the log.
+"""
+
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CategoryQuality:
+    """IPW estimates for one category, and the counts behind them.
+
+    `tau` is None when judging the decisions actually taken. `n_*` count rows (decisions
+    with a verdict unless said otherwise); `estimated_*` are sums of weights, i.e. estimated
+    numbers of posts among all `n_decisions`. `estimated_misses` are violating posts the
+    rule releases; under the decisions taken that is Σ w over audited violating rows.
+    """
+
+    category: str
+    tau: float | None
+    recall: float | None
+    precision: float | None
+    n_decisions: int  # decisions in the window, with or without a verdict
+    n_dispatched_with_verdict: int
+    n_audited_with_verdict: int
+    n_violating_found_in_audit: int  # misses of the decisions taken, as observed
+    estimated_violating: float
+    estimated_misses: float
+    n_fallback_with_verdict: int  # score NULL: left out
+    n_unexpected: int  # verdict on a row neither dispatched nor audited: left out
+    few_audited: bool  # fewer than `min_audited` audited verdicts: recall is a rough guess
+
+
+# One row per decision in the window: w is NULL when the row has no usable verdict.
+_QUERY = """
+WITH t(category, tau) AS ({taus}),
+j AS (
+    SELECT d.category AS category, f.violating AS v, d.score IS NULL AS fallback,
+        d.dispatched = 1 AS disp,
+        CASE WHEN f.violating IS NULL OR d.score IS NULL THEN NULL
+             WHEN d.dispatched = 1 THEN 1.0
+             WHEN d.audited = 1 AND d.audit_rate > 0 AND d.audit_rate <= 1
+                 THEN 1.0 / d.audit_rate
+        END AS w,
+        CASE WHEN t.tau IS NULL THEN d.dispatched = 1 ELSE d.score > t.tau END AS rule
+    FROM decisions d
+    LEFT JOIN feedback f ON f.post_id = d.post_id AND f.category = d.category
+    LEFT JOIN t ON t.category = d.category
+    WHERE d.decided_at >= ?
+)
+SELECT category, COUNT(*),
+    SUM(w IS NOT NULL AND disp),
+    SUM(w IS NOT NULL AND NOT disp),
+    SUM(w IS NOT NULL AND NOT disp AND v = 1),
+    SUM(v IS NOT NULL AND fallback),
+    SUM(v IS NOT NULL AND NOT fallback AND w IS NULL),
+    TOTAL(CASE WHEN v = 1 THEN w END),
+    TOTAL(CASE WHEN v = 1 AND rule THEN w END),
+    TOTAL(CASE WHEN rule THEN w END)
+FROM j GROUP BY category ORDER BY category
+"""
+
+
+def estimate_quality(
+    conn: sqlite3.Connection,
+    categories: Iterable[str] | None = None,
+    taus: Mapping[str, float] | None = None,
+    since: float | None = None,
+    *,
+    min_audited: int = 30,
+) -> dict[str, CategoryQuality]:
+    """IPW recall and precision per category (see the module docstring).
+
+    categories: those to report, in this order, zero counts for any without decisions
+    (default: every category in the window, sorted). taus: judge `score > tau` instead of
+    the decisions taken; a category missing from it is judged on the decisions taken.
+    since: only decisions with decided_at >= since (Unix seconds).
+    """
+    taus = dict(taus or {})
+    # The taus as a table to join; an empty VALUES is not SQL, hence the empty SELECT.
+    table = "VALUES " + ", ".join("(?, ?)" for _ in taus) if taus else "SELECT NULL, NULL WHERE 0"
+    params: list[object] = [x for item in taus.items() for x in item]
+    params.append(float("-inf") if since is None else since)
+    rows = {row[0]: row[1:] for row in conn.execute(_QUERY.format(taus=table), params)}
+    names = list(rows) if categories is None else list(categories)
+    return {name: _quality(name, taus.get(name), rows.get(name), min_audited) for name in names}
+
+
+def _quality(name: str, tau: float | None, row: tuple | None, min_audited: int) -> CategoryQuality:
+    """One category's estimates from its aggregate row (None: no decisions at all)."""
+    n, n_disp, n_aud, n_aud_viol, n_fallback, n_unexpected, w_viol, w_hit, w_rule = row or (
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0.0,
+        0.0,
+        0.0,
+    )
+    # No audited verdict: misses are unobservable, and recall would read 1.0 by default.
+    recall = w_hit / w_viol if n_aud > 0 and w_viol > 0 else None
+    return CategoryQuality(
+        category=name,
+        tau=tau,
+        recall=recall,
+        precision=w_hit / w_rule if w_rule > 0 else None,
+        n_decisions=n,
+        n_dispatched_with_verdict=n_disp,
+        n_audited_with_verdict=n_aud,
+        n_violating_found_in_audit=n_aud_viol,
+        estimated_violating=w_viol,
+        estimated_misses=w_viol - w_hit,
+        n_fallback_with_verdict=n_fallback,
+        n_unexpected=n_unexpected,
+        few_audited=n_aud < min_audited,
+    )
+
+
+def render_quality(results: Mapping[str, CategoryQuality], title: str) -> str:
+    """A text table: one line per category; '-' where an estimate is undefined."""
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    head = (
+        f"{'category':<12} {'tau':>6} {'recall':>7} {'precision':>9} {'decisions':>9} "
+        f"{'disp+v':>7} {'audit+v':>7} {'audit viol':>10} {'est. miss':>9} "
+        f"{'fallback':>8} {'unexpect':>8}"
+    )
+    lines = [title, head]
+    for q in results.values():
+        lines.append(
+            f"{q.category:<12} {'taken' if q.tau is None else f'{q.tau:.4f}':>6} "
+            f"{pct(q.recall):>7} {pct(q.precision):>9} {q.n_decisions:>9} "
+            f"{q.n_dispatched_with_verdict:>7} {q.n_audited_with_verdict:>7} "
+            f"{q.n_violating_found_in_audit:>10} {q.estimated_misses:>9.1f} "
+            f"{q.n_fallback_with_verdict:>8} {q.n_unexpected:>8}"
+            + ("  (few audits)" if q.few_audited else "")
+        )
+    if not results:
+        lines.append("(no decisions in the window)")
+    return "\n".join(lines)

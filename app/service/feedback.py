@@ -1,0 +1,47 @@
+"""`POST /feedback`: the verticals' verdicts on posts the router saw, joined to the decision
+log (`app/feedback/log.py`) for the online quality estimates (`radar quality`)."""
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+
+from app.feedback.log import Verdict
+from app.service.admin import require_admin
+from app.service.errors import BadPostError, FeedbackDisabledError, TooManyPostsError
+from app.service.schemas import ErrorBody, FeedbackIn, FeedbackOutcome
+from app.service.state import ServiceState
+
+feedback_router = APIRouter(tags=["feedback"])
+
+
+@feedback_router.post(
+    "/feedback",
+    response_model=FeedbackOutcome,
+    dependencies=[Depends(require_admin)],
+    responses={
+        401: {"model": ErrorBody, "description": "no bearer token"},
+        403: {"model": ErrorBody, "description": "wrong token"},
+        404: {"model": ErrorBody, "description": "admin or the decision log disabled"},
+        413: {"model": ErrorBody, "description": "more than RADAR_MAX_VERDICTS_PER_REQUEST"},
+        422: {"model": ErrorBody, "description": "invalid body or an unknown category"},
+    },
+)
+async def feedback(body: FeedbackIn, request: Request) -> FeedbackOutcome:
+    """Store verdicts (violating yes/no per post and category); a repeated verdict replaces
+    the earlier one. Answered after the verdicts are committed: an acknowledged verdict is
+    never lost."""
+    state: ServiceState = request.app.state.radar
+    log = state.decision_log
+    if log is None or state.router is None:
+        raise FeedbackDisabledError("feedback needs the decision log (RADAR_DECISION_LOG_PATH)")
+    limit = state.settings.max_verdicts_per_request
+    if len(body.verdicts) > limit:
+        raise TooManyPostsError(f"{len(body.verdicts)} verdicts, at most {limit} per request")
+    categories = set(state.router.categories)
+    for i, verdict in enumerate(body.verdicts):
+        if verdict.category not in categories:
+            problem = f"not a category of the model ({sorted(categories)})"
+            raise BadPostError(verdict.post_id, f"verdicts[{i}].category", problem)
+    verdicts = [Verdict(v.post_id, v.category, v.violating) for v in body.verdicts]
+    joined = await asyncio.to_thread(log.add_feedback, verdicts)
+    return FeedbackOutcome(accepted=len(verdicts), joined=joined)

@@ -1,0 +1,130 @@
+"""The decision log and `POST /feedback`: every routed post logged per category, verdicts
+committed before they are acknowledged and joined to their decisions, a retry replacing its
+rows, old rows pruned, everything surviving a restart."""
+
+import sqlite3
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from app.feedback.log import DecisionLog, DecisionRecord
+from tests.service.conftest import categories_of, post, write_thresholds
+from tests.service.test_batching import sample
+
+TOKEN = {"Authorization": "Bearer s3cret"}
+
+
+def rows(path: Path, sql: str) -> list[tuple]:
+    """Read with a connection of our own: what another process (or a restart) would see."""
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def test_decisions_are_logged_and_verdicts_are_committed_and_joined(
+    running, tiny_store: Path, thresholds_path: Path, tmp_path: Path
+) -> None:
+    categories = categories_of(tiny_store)
+    log_path = tmp_path / "decisions.sqlite3"
+    write_thresholds(thresholds_path, tiny_store, "v-half", 0.5)
+    async with running(admin_token="s3cret", decision_log_path=log_path, audit_rate=0.5) as (
+        client,
+        _,
+    ):
+        results = [
+            (await client.post("/route", json=post(f"f{i}", f"t{i}"))).json() for i in range(6)
+        ]
+        retried = (await client.post("/route", json=post("f0", "t0"))).json()
+        verdicts = [
+            {"post_id": "f1", "category": categories[0], "violating": True},
+            {"post_id": "f2", "category": categories[1], "violating": False},
+            {"post_id": "never-routed", "category": categories[0], "violating": True},
+        ]
+        answer = await client.post("/feedback", json={"verdicts": verdicts}, headers=TOKEN)
+        # Acknowledged means committed: another connection sees the verdicts right now.
+        stored = rows(log_path, "SELECT post_id, category, violating FROM feedback ORDER BY 1")
+        text = (await client.get("/metrics")).text
+    assert answer.status_code == 200
+    assert answer.json() == {"accepted": 3, "joined": 2}
+    assert stored == [
+        ("f1", categories[0], 1),
+        ("f2", categories[1], 0),
+        ("never-routed", categories[0], 1),
+    ]
+    assert sample(text, "radar_feedback_verdicts_total", {"joined": "true"}) == 2
+    assert sample(text, "radar_feedback_verdicts_total", {"joined": "false"}) == 1
+    # After the app stopped (a restart): one row per post and category, the retry replaced
+    # f0's rows, and each row says what the response said.
+    logged = rows(
+        log_path,
+        "SELECT post_id, category, score, dispatched, audited, audit_rate, thresholds_version "
+        "FROM decisions ORDER BY post_id, category",
+    )
+    assert len(logged) == 6 * len(categories)
+    by_key = {(r[0], r[1]): r for r in logged}
+    for result in [retried, *results[1:]]:
+        for name in categories:
+            _, _, score, dispatched, audited, rate, version = by_key[(result["post_id"], name)]
+            assert score == result["scores"][name]
+            assert dispatched == (name in result["dispatch"])
+            assert audited == (name in result["audit"])
+            assert rate == 0.5 and version == "v-half"
+
+
+async def test_feedback_refuses_bad_requests(running, tiny_store: Path) -> None:
+    async with running(admin_token="s3cret", max_verdicts_per_request=2) as (client, _):
+        unknown = {"verdicts": [{"post_id": "p", "category": "nope", "violating": True}]}
+        bad_category = await client.post("/feedback", json=unknown, headers=TOKEN)
+        verdict = {"post_id": "p", "category": categories_of(tiny_store)[0], "violating": True}
+        too_many = await client.post("/feedback", json={"verdicts": [verdict] * 3}, headers=TOKEN)
+        no_token = await client.post("/feedback", json={"verdicts": [verdict]})
+        empty = await client.post("/feedback", json={"verdicts": []}, headers=TOKEN)
+    assert bad_category.status_code == 422
+    assert "verdicts[0].category" in bad_category.json()["detail"]
+    assert too_many.status_code == 413
+    assert no_token.status_code == 401
+    assert empty.status_code == 422
+
+
+async def test_feedback_without_a_decision_log_is_404(running) -> None:
+    async with running(admin_token="s3cret", decision_log_path=None) as (client, _):
+        verdict = {"post_id": "p", "category": "x", "violating": True}
+        answer = await client.post("/feedback", json={"verdicts": [verdict]}, headers=TOKEN)
+    assert answer.status_code == 404
+    assert answer.json()["error"] == "feedback_disabled"
+
+
+def record(post_id: str, decided_at: float) -> DecisionRecord:
+    return DecisionRecord(post_id, "c", 0.1, False, False, 0.01, "v", "m", decided_at)
+
+
+def test_prune_drops_rows_past_the_retention_and_beyond_the_row_cap(tmp_path: Path) -> None:
+    log = DecisionLog(
+        tmp_path / "log.sqlite3", CollectorRegistry(), retention_s=3600, max_rows=1000
+    )
+    log.start()
+    now = time.time()
+    try:
+        log.record([record(f"old{i}", now - 7200) for i in range(5)])
+        log.record([record(f"new{i}", now - i) for i in range(1200)])
+        log.flush()
+        log.prune(now)
+    finally:
+        log.stop()
+    kept = rows(tmp_path / "log.sqlite3", "SELECT post_id FROM decisions")
+    assert len(kept) == 1000
+    assert not any(post_id.startswith("old") for (post_id,) in kept)
+    assert ("new0",) in kept and ("new1199",) not in kept  # the newest are kept
+
+
+def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    log = DecisionLog(
+        tmp_path / "log.sqlite3", registry, retention_s=3600, max_rows=1000, max_pending=10
+    )
+    log.record([record(f"p{i}", time.time()) for i in range(15)])  # not started: buffer only
+    assert registry.get_sample_value("radar_decision_log_dropped_total") == 5
+    log.start()
+    log.stop()  # flushes what the buffer kept
+    kept = rows(tmp_path / "log.sqlite3", "SELECT post_id FROM decisions ORDER BY post_id")
+    assert sorted(p for (p,) in kept) == sorted(f"p{i}" for i in range(5, 15))
