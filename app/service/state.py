@@ -19,6 +19,7 @@ from app.service.engine import Decision, RouterEngine
 from app.service.errors import NotReadyError
 from app.service.images import ImageLoader
 from app.service.metrics import ServiceMetrics
+from app.service.quality_export import QualityGauges
 from app.service.settings import Settings
 from app.service.shadow import ShadowThresholds
 from app.thresholds import ActiveThresholds, ReloadResult, ThresholdsStore
@@ -47,6 +48,8 @@ class ServiceState:
         self.audit: AuditSampler | None = None
         self.shadow: ShadowThresholds | None = None
         self.decision_log: DecisionLog | None = None
+        self.quality: QualityGauges | None = None
+        self._quality_task: asyncio.Task[None] | None = None
         self.thresholds: ThresholdsStore | None = None
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
@@ -90,6 +93,7 @@ class ServiceState:
             except DecisionLogError as exc:
                 log.error("%s", exc)
                 raise
+            self.quality = QualityGauges(self.metrics.registry, self.router.categories)
         version = self.router.config.model_version
         self.metrics.set_model(version)
         self.metrics.init_categories(self.router.categories)
@@ -114,6 +118,8 @@ class ServiceState:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.batcher.executor, self.engine.warm_up)
         self._watcher = loop.create_task(self._watch_thresholds(), name="radar-thresholds")
+        if self.quality is not None:
+            self._quality_task = loop.create_task(self._refresh_quality(), name="radar-quality")
         self.refresh_readiness()
         log.info("router %s on %s ready=%s", version, device, self.not_ready_reason is None)
 
@@ -121,10 +127,11 @@ class ServiceState:
         """Runs after the server drained its requests: watcher, batcher, HTTP client."""
         self.stopping = True
         self.refresh_readiness()
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._quality_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.batcher is not None:
             await self.batcher.stop()
         if self.decision_log is not None:  # after the batcher: the last decisions are logged
@@ -196,6 +203,17 @@ class ServiceState:
                     await asyncio.to_thread(self.shadow.reload_if_modified)
             except Exception:  # the watcher must survive anything a file can do
                 log.exception("thresholds watcher step failed")
+
+    async def _refresh_quality(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.quality_refresh_s)
+            if self.quality is None or self.decision_log is None:
+                continue
+            window_s = self.settings.quality_window_hours * 3600
+            try:
+                await asyncio.to_thread(self.quality.refresh, self.decision_log.path, window_s)
+            except Exception:  # an unreadable log must not end the task: retried next time
+                log.exception("online quality refresh failed")
 
     @staticmethod
     def now() -> float:

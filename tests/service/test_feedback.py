@@ -2,6 +2,8 @@
 committed before they are acknowledged and joined to their decisions, a retry replacing its
 rows, old rows pruned, everything surviving a restart."""
 
+import asyncio
+import math
 import sqlite3
 import time
 from pathlib import Path
@@ -128,3 +130,37 @@ def test_a_full_buffer_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
     log.stop()  # flushes what the buffer kept
     kept = rows(tmp_path / "log.sqlite3", "SELECT post_id FROM decisions ORDER BY post_id")
     assert sorted(p for (p,) in kept) == sorted(f"p{i}" for i in range(5, 15))
+
+
+async def test_online_quality_gauges_follow_the_verdicts(
+    running, tiny_store: Path, thresholds_path: Path, tmp_path: Path
+) -> None:
+    categories = categories_of(tiny_store)
+    first = categories[0]
+    # tau 1: every category released; audit rate 1: every release audited (weight 1).
+    write_thresholds(thresholds_path, tiny_store, "release-all", 1.0)
+    settings = {"admin_token": "s3cret", "audit_rate": 1.0, "quality_refresh_s": 0.05}
+    async with running(decision_log_path=tmp_path / "q.sqlite3", **settings) as (client, _):
+        text = (await client.get("/metrics")).text
+        # NaN before any verdict: unknown, neither 0 nor 1.
+        assert math.isnan(sample(text, "radar_online_recall", {"category": first}))
+        body = {"posts": [post(f"q{i}", f"t{i}") for i in range(40)]}
+        assert (await client.post("/route/batch", json=body)).status_code == 200
+        verdicts = [{"post_id": f"q{i}", "category": first, "violating": i < 10} for i in range(40)]
+        answer = await client.post("/feedback", json={"verdicts": verdicts}, headers=TOKEN)
+        assert answer.json() == {"accepted": 40, "joined": 40}
+
+        async def refreshed() -> str:
+            for _ in range(100):
+                text = (await client.get("/metrics")).text
+                if sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}):
+                    return text
+                await asyncio.sleep(0.05)
+            raise AssertionError("quality gauges never refreshed")
+
+        text = await refreshed()
+    # The 10 violating posts were all released: the router caught none of them.
+    assert sample(text, "radar_online_recall", {"category": first}) == 0.0
+    assert sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}) == 40
+    # Nothing dispatched: no precision to report.
+    assert math.isnan(sample(text, "radar_dispatch_precision", {"category": first}))
