@@ -164,3 +164,28 @@ async def test_online_quality_gauges_follow_the_verdicts(
     assert sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}) == 40
     # Nothing dispatched: no precision to report.
     assert math.isnan(sample(text, "radar_dispatch_precision", {"category": first}))
+
+
+async def test_the_log_survives_a_restart_and_verdicts_join_decisions_made_before_it(
+    running, tiny_store: Path, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "restart.sqlite3"
+    first = categories_of(tiny_store)[0]
+    async with running(admin_token="s3cret", decision_log_path=log_path) as (client, _):
+        body = {"posts": [post(f"r{i}", f"t{i}") for i in range(5)]}
+        assert (await client.post("/route/batch", json=body)).status_code == 200
+        early = [{"post_id": "r0", "category": first, "violating": True}]
+        assert (await client.post("/feedback", json={"verdicts": early}, headers=TOKEN)).json() == {
+            "accepted": 1,
+            "joined": 1,
+        }
+    # A new process on the same file: the decisions and the acknowledged verdict are there.
+    async with running(admin_token="s3cret", decision_log_path=log_path) as (client, _):
+        late = [{"post_id": f"r{i}", "category": first, "violating": False} for i in (1, 2)]
+        answer = await client.post("/feedback", json={"verdicts": late}, headers=TOKEN)
+    assert answer.json() == {"accepted": 2, "joined": 2}
+    assert rows(log_path, "SELECT post_id, violating FROM feedback ORDER BY post_id") == [
+        ("r0", 1),
+        ("r1", 0),
+        ("r2", 0),
+    ]
