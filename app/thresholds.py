@@ -115,10 +115,10 @@ def validate_for_model(
     return ActiveThresholds(file.version, file.model_version, taus, digest)
 
 
-def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -> ActiveThresholds:
-    """Read, parse and validate one thresholds file."""
+def read_thresholds_file(path: Path) -> bytes:
+    """The file's bytes; any failure is a `ThresholdsError` with reason `unreadable`."""
     try:
-        raw = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except PermissionError:
         # Not "missing": a file (or directory) with the wrong owner or mode says so.
         problem = "permission denied: this process may not read the file"
@@ -127,6 +127,11 @@ def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -
         raise ThresholdsError("unreadable", str(path), "no such file") from None
     except OSError as exc:
         raise ThresholdsError("unreadable", str(path), f"cannot read: {exc.strerror}") from None
+
+
+def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -> ActiveThresholds:
+    """Read, parse and validate one thresholds file."""
+    raw = read_thresholds_file(path)
     digest = hashlib.sha256(raw).hexdigest()
     return validate_for_model(
         parse_thresholds(raw, str(path)), categories, model_version, str(path), digest

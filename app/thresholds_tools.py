@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.thresholds import ThresholdsError, ThresholdsFile, parse_thresholds, validate_for_model
+from app.thresholds import (
+    ThresholdsError,
+    ThresholdsFile,
+    parse_thresholds,
+    read_thresholds_file,
+    validate_for_model,
+)
 
 
 class PromoteError(Exception):
@@ -59,12 +65,7 @@ class Promotion:
 
 def read_thresholds(path: Path) -> Loaded:
     """Read and parse `path` against the schema; every failure is a `ThresholdsError`."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ThresholdsError("unreadable", str(path), "no such file") from None
-    except OSError as exc:
-        raise ThresholdsError("unreadable", str(path), f"cannot read: {exc.strerror}") from None
+    raw = read_thresholds_file(path)
     return Loaded(Path(path), raw, parse_thresholds(raw, str(path)))
 
 

@@ -5,8 +5,6 @@ load generator of the HTTP phases never carries torch's threads.
 """
 
 import argparse
-import base64
-import io
 import json
 import os
 import sys
@@ -21,21 +19,23 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.model.images import decode_rgb  # noqa: E402
 from app.model.post import Post  # noqa: E402
 from app.model.store import load_router  # noqa: E402
 from app.service.engine import RouterEngine  # noqa: E402
+from app.service.images import ImageLoader  # noqa: E402
+from app.service.settings import Settings  # noqa: E402
 from app.thresholds import ActiveThresholds, load_thresholds  # noqa: E402
 
 
 def to_posts(bodies: list[bytes]) -> list[Post]:
-    """`/route` bodies → model posts, images decoded as the service decodes them."""
+    """`/route` bodies → model posts, images decoded by the service's own loader."""
+    loader = ImageLoader(Settings())
     posts = []
     for body in bodies:
         post = json.loads(body)
         images = tuple(
-            decode_rgb(io.BytesIO(base64.b64decode(image["data"])), 25_000_000)
-            for image in post.get("images", [])
+            loader.decode_base64(post["post_id"], f"images[{i}].data", image["data"])
+            for i, image in enumerate(post.get("images", []))
         )
         posts.append(Post(title=post["title"], ocr_text=post["ocr_text"], images=images))
     return posts

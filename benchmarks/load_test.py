@@ -16,7 +16,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -72,12 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def make_model(workdir: Path) -> Path:
     out = workdir / "tiny"
     subprocess.run(  # noqa: S603  (our own CLI, fixed arguments)
@@ -112,7 +105,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     categories = json.loads((model_dir / "router.json").read_text())["categories"]
     thresholds = workdir / "thresholds.yaml"
     write_thresholds(thresholds, model_dir, "load-0", dict.fromkeys(categories, 0.5))
-    port, token = free_port(), "load-test-token"
+    port, token = loadgen.free_port(), "load-test-token"
     env = {
         "RADAR_ADMIN_TOKEN": token,
         "RADAR_DEADLINE_MS": str(args.deadline_ms),

@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,6 +240,30 @@ class Sampler:
             self._task.cancel()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ok(
+    process: "subprocess.Popen[bytes]", url: str, timeout_s: float, log: Path | None = None
+) -> None:
+    """Poll `url` until it answers 200; fail at once if `process` (the server) exited."""
+    stop_at = time.monotonic() + timeout_s
+    while time.monotonic() < stop_at:
+        if process.poll() is not None:
+            where = f": see {log}" if log else ""
+            raise RuntimeError(f"server exited {process.returncode}{where}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not 200 after {timeout_s} s")
+
+
 class Server:
     """`python -m app.cli serve` on a loopback port, as a subprocess with its own log."""
 
@@ -259,17 +284,7 @@ class Server:
             )
 
     def wait_ready(self, url: str, timeout_s: float = 120) -> None:
-        stop_at = time.monotonic() + timeout_s
-        while time.monotonic() < stop_at:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited {self.process.returncode}: see {self.log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout_s} s")
+        wait_ok(self.process, f"{url}/readyz", timeout_s, log=self.log)
 
     def stop(self, timeout_s: float = 60) -> int:
         """SIGTERM, then the exit status (SIGKILL after `timeout_s`)."""

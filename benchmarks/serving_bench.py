@@ -20,7 +20,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -124,7 +123,7 @@ async def sweep(
 def radar_server(
     args: argparse.Namespace, max_batch: int, workdir: Path
 ) -> tuple[loadgen.Server, str]:
-    port = free_port()
+    port = loadgen.free_port()
     env = {
         "RADAR_MAX_BATCH_SIZE": str(max_batch),
         "RADAR_MAX_WAIT_MS": str(args.max_wait_ms),
@@ -141,12 +140,6 @@ def radar_server(
     return server, f"http://127.0.0.1:{port}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def run_radar(
     args: argparse.Namespace, max_batch: int, posts: list[bytes], workdir: Path
 ) -> list[dict[str, Any]]:
@@ -161,18 +154,19 @@ async def run_radar(
 async def run_litserve(
     args: argparse.Namespace, queue: str, posts: list[bytes], workdir: Path
 ) -> list[dict[str, Any]]:
-    port = free_port()
+    port = loadgen.free_port()
     command = [sys.executable, str(HERE / "litserve_router.py"), "--port", str(port)]
     command += ["--model-dir", str(args.model_dir), "--thresholds", str(args.thresholds)]
     command += ["--max-batch-size", str(args.max_batch_size)]
     command += ["--max-wait-ms", str(args.max_wait_ms), "--timeout-s", "120"]
     if queue == "zmq":
         command.append("--fast-queue")
-    log = (workdir / f"litserve-{queue}.log").open("wb")
+    log_path = workdir / f"litserve-{queue}.log"
+    log = log_path.open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_health(process, f"{url}/health")
+        loadgen.wait_ok(process, f"{url}/health", 180, log=log_path)
         label = f"litserve ({queue}) batch<={args.max_batch_size}"
         return await sweep(label, url, "/predict", posts, args)
     finally:
@@ -182,20 +176,6 @@ async def run_litserve(
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-
-
-def _wait_health(process: subprocess.Popen[bytes], url: str, timeout_s: float = 180) -> None:
-    stop_at = time.monotonic() + timeout_s
-    while time.monotonic() < stop_at:
-        if process.poll() is not None:
-            raise RuntimeError(f"LitServe exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"LitServe not healthy after {timeout_s} s")
 
 
 def _litserve_installed() -> bool:

@@ -3,7 +3,7 @@
 import asyncio
 import hashlib
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse
@@ -13,6 +13,13 @@ from app.service.schemas import ErrorBody, ReloadOutcome
 from app.service.state import ServiceState
 
 admin_router = APIRouter(prefix="/admin", tags=["admin"])
+
+# What `require_admin` answers, for the OpenAPI description of every endpoint behind it.
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no bearer token"},
+    403: {"model": ErrorBody, "description": "wrong token"},
+    404: {"model": ErrorBody, "description": "admin disabled (no RADAR_ADMIN_TOKEN)"},
+}
 
 
 def _state(request: Request) -> ServiceState:
@@ -47,9 +54,7 @@ async def require_admin(
     response_model=ReloadOutcome,
     dependencies=[Depends(require_admin)],
     responses={
-        401: {"model": ErrorBody, "description": "no bearer token"},
-        403: {"model": ErrorBody, "description": "wrong token"},
-        404: {"model": ErrorBody, "description": "admin disabled (no RADAR_ADMIN_TOKEN)"},
+        **ADMIN_ERRORS,
         422: {"model": ReloadOutcome, "description": "file refused; the active one stays"},
         503: {"model": ErrorBody, "description": "the model is not loaded yet"},
     },

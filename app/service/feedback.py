@@ -6,7 +6,7 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 
 from app.feedback.log import Verdict
-from app.service.admin import require_admin
+from app.service.admin import ADMIN_ERRORS, require_admin
 from app.service.errors import BadPostError, FeedbackDisabledError, TooManyPostsError
 from app.service.schemas import ErrorBody, FeedbackIn, FeedbackOutcome
 from app.service.state import ServiceState
@@ -19,8 +19,7 @@ feedback_router = APIRouter(tags=["feedback"])
     response_model=FeedbackOutcome,
     dependencies=[Depends(require_admin)],
     responses={
-        401: {"model": ErrorBody, "description": "no bearer token"},
-        403: {"model": ErrorBody, "description": "wrong token"},
+        **ADMIN_ERRORS,
         404: {"model": ErrorBody, "description": "admin or the decision log disabled"},
         413: {"model": ErrorBody, "description": "more than RADAR_MAX_VERDICTS_PER_REQUEST"},
         422: {"model": ErrorBody, "description": "invalid body or an unknown category"},

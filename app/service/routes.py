@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections.abc import Mapping, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -134,8 +135,10 @@ def _results(
     if state.router is None:
         raise RuntimeError("decisions without a router")
     model_version = state.router.config.model_version
-    results = []
     categories = state.router.categories
+    audit_rates = state.audit.rates if state.audit else {}
+    decided_at = time.time()
+    results = []
     for post, decision in zip(posts, decisions, strict=True):
         state.metrics.record_post(
             decision.scores, decision.dispatch, categories, decision.fallback_reason
@@ -145,44 +148,43 @@ def _results(
         released = [name for name in categories if name not in decision.dispatch]
         audit = state.audit.pick(post.post_id, released) if state.audit else []
         state.metrics.record_audit(audit)
-        if state.decision_log is not None:
-            state.decision_log.record(_log_records(state, post.post_id, decision, audit))
         flags = [Flag.FALLBACK] if decision.fallback_reason else []
-        results.append(
-            RouteResult(
-                post_id=post.post_id,
-                scores=decision.scores,
-                dispatch=decision.dispatch,
-                auto_pass=decision.auto_pass,
-                audit=audit,
-                thresholds_version=decision.thresholds_version,
-                model_version=model_version,
-                flags=[*flags, Flag.AUDIT] if audit else flags,
-            )
+        result = RouteResult(
+            post_id=post.post_id,
+            scores=decision.scores,
+            dispatch=decision.dispatch,
+            auto_pass=decision.auto_pass,
+            audit=audit,
+            thresholds_version=decision.thresholds_version,
+            model_version=model_version,
+            flags=[*flags, Flag.AUDIT] if audit else flags,
         )
+        if state.decision_log is not None:
+            state.decision_log.record(_log_records(result, categories, audit_rates, decided_at))
+        results.append(result)
     return results
 
 
 def _log_records(
-    state: ServiceState, post_id: str, decision: Decision, audit: list[str]
+    result: RouteResult,
+    categories: Sequence[str],
+    audit_rates: Mapping[str, float],
+    decided_at: float,
 ) -> list[DecisionRecord]:
-    """The decision log's rows for one routed post: one per category."""
-    model_version = state.router.config.model_version if state.router else ""
-    rates = state.audit.rates if state.audit else {}
-    now = time.time()
+    """The decision log's rows for one answered post: one per category."""
     return [
         DecisionRecord(
-            post_id=post_id,
+            post_id=result.post_id,
             category=name,
-            score=decision.scores.get(name),
-            dispatched=name in decision.dispatch,
-            audited=name in audit,
-            audit_rate=rates.get(name, 0.0),
-            thresholds_version=decision.thresholds_version,
-            model_version=model_version,
-            decided_at=now,
+            score=result.scores.get(name),  # none for a fallback
+            dispatched=name in result.dispatch,
+            audited=name in result.audit,
+            audit_rate=audit_rates.get(name, 0.0),
+            thresholds_version=result.thresholds_version,
+            model_version=result.model_version,
+            decided_at=decided_at,
         )
-        for name in (state.router.categories if state.router else ())
+        for name in categories
     ]
 
 

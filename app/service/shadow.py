@@ -15,6 +15,7 @@ from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from app.service.metrics import DecisionLabel
 from app.thresholds import RefusalReason, ReloadResult, ThresholdsStore
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class ShadowThresholds:
             registry=r,
         )
         for name in self.categories:
-            for decision in ("dispatch", "pass"):
+            for decision in get_args(DecisionLabel):
                 self.decisions.labels(name, decision)
         for reason in get_args(RefusalReason):
             self.reload_failures.labels(reason)

@@ -21,7 +21,7 @@ from app.service.engine import RouterEngine
 from app.service.images import ImageLoader
 from app.service.settings import Settings
 from app.thresholds import load_thresholds
-from tests.service.live import free_port
+from tests.service.live import free_port, wait_ready
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.slow
@@ -58,19 +58,6 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
-
-
-def _wait_healthy(url: str, process: "subprocess.Popen[bytes]", timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"server exited with {process.returncode}"
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url}/health not 200 after {timeout_s} s")
 
 
 async def _post_all(url: str, bodies: list[bytes]) -> list[httpx.Response]:
@@ -116,7 +103,7 @@ def test_litserve_router_serves_our_scores_and_stops_on_sigterm(
             start_new_session=True,
         )
     try:
-        _wait_healthy(url, process, timeout_s=90)
+        wait_ready(url, timeout_s=90, alive=process, path="/health")
         bodies = _loadgen_payloads(8)
         responses = asyncio.run(_post_all(url, bodies))
         assert [r.status_code for r in responses] == [200] * 8, log.read_text()[-3000:]

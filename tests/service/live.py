@@ -28,19 +28,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(url: str, timeout_s: float, alive: "subprocess.Popen[bytes] | None" = None) -> None:
-    """Poll `/readyz` until 200; fail early when the process died."""
+def wait_ready(
+    url: str,
+    timeout_s: float,
+    alive: "subprocess.Popen[bytes] | None" = None,
+    path: str = "/readyz",
+) -> None:
+    """Poll `path` until 200; fail early when the process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if alive is not None and alive.poll() is not None:
             raise RuntimeError(f"server exited with {alive.returncode} before it was ready")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+    raise TimeoutError(f"{url}{path} not 200 after {timeout_s} s")
 
 
 @contextmanager
