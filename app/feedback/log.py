@@ -14,8 +14,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -30,9 +31,9 @@ class DecisionLogError(RuntimeError):
     """The decision log cannot be opened or written."""
 
 
-@dataclass(frozen=True)
-class DecisionRecord:
-    """One (post, category) decision, as the `decisions` table stores it."""
+class DecisionRecord(NamedTuple):
+    """One (post, category) decision, as the `decisions` table stores it: a tuple already,
+    so the writer hands it to SQLite as it is (no per-row conversion on the hot path)."""
 
     post_id: str
     category: str
@@ -149,7 +150,7 @@ class DecisionLog:
             with self._db_lock, self._conn:
                 self._conn.executemany(
                     "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [astuple(r) for r in batch],
+                    batch,
                 )
         except sqlite3.Error:
             self._pending.extendleft(reversed(batch))  # retried at the next flush

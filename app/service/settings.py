@@ -6,7 +6,7 @@ A bad value fails at start-up with a message naming the variable.
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("decision_log_path", "shadow_thresholds_path", mode="before")
+    @classmethod
+    def _empty_means_off(cls, value: object) -> object:
+        # `RADAR_DECISION_LOG_PATH=` turns the log off; without this it would be Path(".").
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":

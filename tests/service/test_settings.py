@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -68,3 +69,12 @@ def test_help_for_every_command() -> None:
     for command in ("serve", "make-tiny-model"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage: radar" in result.stdout
+
+
+def test_an_empty_path_turns_the_decision_log_and_the_shadow_off(monkeypatch) -> None:
+    monkeypatch.setenv("RADAR_DECISION_LOG_PATH", "")
+    monkeypatch.setenv("RADAR_SHADOW_THRESHOLDS_PATH", "")
+    settings = Settings()
+    assert settings.decision_log_path is None and settings.shadow_thresholds_path is None
+    monkeypatch.setenv("RADAR_DECISION_LOG_PATH", "/var/lib/radar/log.sqlite3")
+    assert Settings().decision_log_path == Path("/var/lib/radar/log.sqlite3")
