@@ -4,6 +4,7 @@ decision log."""
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,16 +126,22 @@ def _add_thresholds_commands(commands: Any) -> None:
 
 def _quality(args: argparse.Namespace) -> int:
     import dataclasses
-    import sqlite3
     import time
-    from contextlib import closing
+
+    from sqlalchemy.exc import SQLAlchemyError
 
     from app.feedback.quality import estimate_quality, render_quality
-    from app.feedback.schema import connect
+    from app.feedback.schema import LogLocationError, describe, log_url, open_log
     from app.thresholds import ThresholdsError, parse_thresholds
 
-    if not args.log.is_file():
-        print(f"radar quality: no decision log at {args.log}", file=sys.stderr)
+    location = args.log or default_log_location()
+    try:
+        where = describe(log_url(location))
+    except LogLocationError as exc:
+        print(f"radar quality: --log: {exc}", file=sys.stderr)
+        return 2
+    if "://" not in location and not Path(location).is_file():
+        print(f"radar quality: no decision log at {location}", file=sys.stderr)
         return 2
     if args.since_hours is not None and args.since_hours <= 0:
         print("radar quality: --since-hours must be > 0", file=sys.stderr)
@@ -151,23 +158,29 @@ def _quality(args: argparse.Namespace) -> int:
             return 2
     since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
     try:
-        with closing(connect(args.log, readonly=True)) as conn:
-            taken = estimate_quality(conn, since=since)
-            under = None
-            if candidate is not None:  # both tables over the log's and the file's categories
-                names = sorted(set(taken) | set(candidate.categories))
-                taus = {name: c.tau for name, c in candidate.categories.items()}
-                taken = estimate_quality(conn, names, since=since)
-                under = estimate_quality(conn, names, taus, since)
-    except sqlite3.DatabaseError as exc:
-        print(f"radar quality: {args.log} is not a readable decision log: {exc}", file=sys.stderr)
+        engine = open_log(location, readonly=True)
+        try:
+            with engine.connect() as conn:
+                taken = estimate_quality(conn, since=since)
+                under = None
+                if candidate is not None:  # both tables over the log's and the file's categories
+                    names = sorted(set(taken) | set(candidate.categories))
+                    taus = {name: c.tau for name, c in candidate.categories.items()}
+                    taken = estimate_quality(conn, names, since=since)
+                    under = estimate_quality(conn, names, taus, since)
+        finally:
+            engine.dispose()
+    except SQLAlchemyError as exc:
+        # The driver's own words (first line), not SQLAlchemy's wrapper with the SQL.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        print(f"radar quality: {where} is not a readable decision log: {reason}", file=sys.stderr)
         return 2
     if args.json:
 
         def as_dicts(results: dict[str, Any]) -> dict[str, Any]:
             return {name: dataclasses.asdict(q) for name, q in results.items()}
 
-        out: dict[str, Any] = {"log": str(args.log), "since": since, "taken": as_dicts(taken)}
+        out: dict[str, Any] = {"log": where, "since": since, "taken": as_dicts(taken)}
         if candidate is not None and under is not None:
             out["candidate"] = {
                 "file": str(args.thresholds),
@@ -177,11 +190,21 @@ def _quality(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     window = "" if since is None else f", last {args.since_hours:g} h"
-    print(render_quality(taken, f"decisions taken ({args.log}{window}):"))
+    print(render_quality(taken, f"decisions taken ({where}{window}):"))
     if candidate is not None and under is not None:
         title = f"under {args.thresholds} (version {candidate.version}{window}):"
         print("\n" + render_quality(under, title))
     return 0
+
+
+def default_log_location() -> str:
+    """The service's own choice of log (`app.service.settings`), from the environment."""
+    for name in ("RADAR_DECISION_LOG_URL", "RADAR_DECISION_LOG_PATH"):
+        if os.environ.get(name):
+            return os.environ[name]
+    from app.service.settings import Settings
+
+    return str(Settings.model_fields["decision_log_path"].default)
 
 
 def _add_quality_command(commands: Any) -> None:
@@ -198,10 +221,11 @@ def _add_quality_command(commands: Any) -> None:
     )
     quality.add_argument(
         "--log",
-        type=Path,
-        required=True,
-        metavar="PATH",
-        help="decision log (SQLite, RADAR's feedback log)",
+        metavar="PATH|URL",
+        help="decision log: an SQLite file or a database URL (postgresql://user@host/db); "
+        "default: $RADAR_DECISION_LOG_URL, else $RADAR_DECISION_LOG_PATH, else "
+        "data/decision_log.sqlite3, as the service (a URL in the environment keeps its "
+        "password out of the process list)",
     )
     quality.add_argument(
         "--thresholds",

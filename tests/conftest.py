@@ -11,6 +11,10 @@ import pytest
 from PIL import Image
 
 from app.model.tiny import make_tiny_router
+from tests.postgres import postgres_server, postgres_url  # noqa: F401
+
+# Fixtures of decision logs on both backends (log_backend, new_log).
+pytest_plugins = ("tests.logs",)
 
 # Varied aspect ratios and sizes: below min_pixels, above max_pixels, wide, tall, square.
 IMAGE_SIZES = ((40, 30), (100, 50), (20, 20), (64, 64), (30, 90), (128, 96), (50, 50))

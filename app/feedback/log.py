@@ -1,16 +1,21 @@
 """The service's decision log: every routed post's per-category decision, and the verticals'
-verdicts joined to them (SQLite, `app/feedback/schema.py`).
+verdicts joined to them (an SQLite file or a shared PostgreSQL database,
+`app/feedback/schema.py`).
 
-No request waits for the disk: `record` appends to an in-memory buffer that one writer
+No request waits for the database: `record` appends to an in-memory buffer that one writer
 thread flushes in a single transaction every `flush_interval_s`. A full buffer drops the
 oldest records and counts them (`radar_decision_log_dropped_total`) rather than slow routing.
 Verdicts are the opposite: `add_feedback` commits before it returns, so a verdict the
 service acknowledged survives a crash or restart. Old rows are pruned by age and count.
+
+Several replicas may share one PostgreSQL log: a verdict then joins the decision whichever
+replica made it. Each replica flushes its rows sorted by key, so two replicas upserting the
+same posts (a retry routed elsewhere) lock rows in the same order and cannot deadlock; pruning
+takes an advisory lock, so only one replica prunes at a time.
 """
 
 import collections
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -19,12 +24,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy import Connection, Engine, Insert, Table, select, text, tuple_
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
-from app.feedback.schema import connect
+from app.feedback.schema import decisions, describe, feedback, log_url, open_log
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 60.0
+# Keys per `IN` query when joining verdicts: well under SQLite's and PostgreSQL's limits on
+# bound parameters (two per key).
+JOIN_CHUNK = 1000
+_PRUNE_LOCK_KEY = 0x52414442  # any fixed number, shared by the replicas
 
 
 class DecisionLogError(RuntimeError):
@@ -32,8 +44,7 @@ class DecisionLogError(RuntimeError):
 
 
 class DecisionRecord(NamedTuple):
-    """One (post, category) decision, as the `decisions` table stores it: a tuple already,
-    so the writer hands it to SQLite as it is (no per-row conversion on the hot path)."""
+    """One (post, category) decision, as the `decisions` table stores it."""
 
     post_id: str
     category: str
@@ -54,11 +65,11 @@ class Verdict:
 
 
 class DecisionLog:
-    """Buffered writer of decisions, synchronous writer of verdicts, one SQLite file."""
+    """Buffered writer of decisions, synchronous writer of verdicts, one database."""
 
     def __init__(
         self,
-        path: Path,
+        location: Path | str,
         registry: CollectorRegistry,
         *,
         retention_s: float,
@@ -66,15 +77,18 @@ class DecisionLog:
         flush_interval_s: float = 0.5,
         max_pending: int = 200_000,
     ) -> None:
-        self.path = path
+        self.location = location  # a path (SQLite) or a database URL
+        self.where = describe(log_url(location))  # for messages: no password
         self.retention_s = retention_s
         self.max_rows = max_rows
         self.flush_interval_s = flush_interval_s
         self._pending: collections.deque[DecisionRecord] = collections.deque(maxlen=max_pending)
-        self._db_lock = threading.Lock()  # one connection, used by the writer and verdicts
+        # One writer at a time in this process (the flushing thread, verdicts, pruning):
+        # SQLite has a single write lock anyway, and waiting here is cheaper than its retries.
+        self._write_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._conn: sqlite3.Connection | None = None
+        self._engine: Engine | None = None
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
         self.dropped = Counter(
@@ -91,11 +105,18 @@ class DecisionLog:
         for joined in ("true", "false"):
             self.verdicts.labels(joined)
 
+    @property
+    def engine(self) -> Engine:
+        """The open log's engine (readers such as the quality gauges use it too)."""
+        if self._engine is None:
+            raise DecisionLogError("the decision log is not open")
+        return self._engine
+
     def start(self) -> None:
         try:
-            self._conn = connect(self.path)
-        except (sqlite3.Error, OSError) as exc:
-            raise DecisionLogError(f"cannot open the decision log {self.path}: {exc}") from exc
+            self._engine = open_log(self.location)
+        except (SQLAlchemyError, OSError) as exc:
+            raise DecisionLogError(f"cannot open the decision log {self.where}: {exc}") from exc
         self._thread = threading.Thread(target=self._run, name="radar-decision-log", daemon=True)
         self._thread.start()
 
@@ -105,10 +126,10 @@ class DecisionLog:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        if self._conn is not None:
-            with self._db_lock:
-                self._conn.close()
-            self._conn = None
+        if self._engine is not None:
+            with self._write_lock:
+                self._engine.dispose()
+            self._engine = None
 
     def record(self, records: Sequence[DecisionRecord]) -> None:
         """Buffer decisions for the writer; never blocks."""
@@ -120,21 +141,24 @@ class DecisionLog:
     def add_feedback(self, verdicts: Sequence[Verdict]) -> int:
         """Store verdicts (a repeated one replaces the earlier); committed on return. Returns
         how many join a logged decision."""
-        if self._conn is None:
-            raise DecisionLogError("the decision log is not open")
+        engine = self.engine
         self.flush()  # so that a verdict on a just-routed post finds its decision
         now = time.time()
-        rows = [(v.post_id, v.category, int(v.violating), now) for v in verdicts]
-        keys = [(v.post_id, v.category) for v in verdicts]
-        with self._db_lock, self._conn:
-            self._conn.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?)", rows)
-            joined = sum(
-                self._conn.execute(
-                    "SELECT 1 FROM decisions WHERE post_id = ? AND category = ?", key
-                ).fetchone()
-                is not None
-                for key in keys
-            )
+        # Sorted by key: the same lock order as every other writer of the shared log.
+        rows = sorted(
+            (
+                {"post_id": v.post_id, "category": v.category, "violating": int(v.violating),
+                 "received_at": now}
+                for v in verdicts
+            ),
+            key=lambda row: (row["post_id"], row["category"]),
+        )  # fmt: skip
+        keys = {(v.post_id, v.category) for v in verdicts}
+        with self._write_lock, engine.begin() as conn:
+            if rows:
+                conn.execute(_upsert(conn, feedback), rows)
+            logged = _logged_keys(conn, keys)
+        joined = sum((v.post_id, v.category) in logged for v in verdicts)
         self.verdicts.labels(joined="true").inc(joined)
         self.verdicts.labels(joined="false").inc(len(verdicts) - joined)
         return joined
@@ -144,32 +168,41 @@ class DecisionLog:
         batch = []
         while self._pending:
             batch.append(self._pending.popleft())
-        if not batch or self._conn is None:
+        if not batch or self._engine is None:
             return
+        # A stable sort: of two records for one key (a retry in the same batch), the later
+        # is written last and wins, as it did in the buffer.
+        rows = [r._asdict() for r in sorted(batch, key=lambda r: (r.post_id, r.category))]
         try:
-            with self._db_lock, self._conn:
-                self._conn.executemany(
-                    "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    batch,
-                )
-        except sqlite3.Error:
+            with self._write_lock, self._engine.begin() as conn:
+                conn.execute(_upsert(conn, decisions), rows)
+        except SQLAlchemyError:
             self._pending.extendleft(reversed(batch))  # retried at the next flush
             raise
 
     def prune(self, now: float | None = None) -> None:
         """Drop decisions and verdicts older than the retention, then the oldest decisions
-        beyond `max_rows`."""
-        if self._conn is None:
+        beyond `max_rows` (ties at the cut go too)."""
+        if self._engine is None:
             return
         cutoff = (now or time.time()) - self.retention_s
-        with self._db_lock, self._conn:
-            self._conn.execute("DELETE FROM decisions WHERE decided_at < ?", (cutoff,))
-            self._conn.execute("DELETE FROM feedback WHERE received_at < ?", (cutoff,))
-            self._conn.execute(
-                "DELETE FROM decisions WHERE rowid IN (SELECT rowid FROM decisions "
-                "ORDER BY decided_at DESC LIMIT -1 OFFSET ?)",
-                (self.max_rows,),
-            )
+        with self._write_lock, self._engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                lock = text("SELECT pg_try_advisory_xact_lock(:key)")
+                if not conn.execute(lock, {"key": _PRUNE_LOCK_KEY}).scalar():
+                    return  # another replica is pruning the shared log right now
+            conn.execute(text("DELETE FROM decisions WHERE decided_at < :t"), {"t": cutoff})
+            conn.execute(text("DELETE FROM feedback WHERE received_at < :t"), {"t": cutoff})
+            # The newest row beyond the cap, found through the time index; all at or before
+            # its time go.
+            beyond = conn.execute(
+                text(
+                    "SELECT decided_at FROM decisions ORDER BY decided_at DESC LIMIT 1 OFFSET :cap"
+                ),
+                {"cap": self.max_rows},
+            ).scalar()
+            if beyond is not None:
+                conn.execute(text("DELETE FROM decisions WHERE decided_at <= :t"), {"t": beyond})
 
     def _run(self) -> None:
         while True:
@@ -180,7 +213,30 @@ class DecisionLog:
                 if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                     self._last_prune = time.monotonic()
                     self.prune()
-            except sqlite3.Error:  # the writer must outlive a full disk or a locked file
+            except SQLAlchemyError:  # the writer must outlive a full disk or a lost database
                 log.exception("decision log write failed; will retry")
             if self._stopping and not self._pending:
                 return
+
+
+def _logged_keys(conn: Connection, keys: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of `keys` (post_id, category) that have a logged decision: one indexed `IN`
+    query per chunk rather than one query per verdict."""
+    found: set[tuple[str, str]] = set()
+    ordered = sorted(keys)
+    key = tuple_(decisions.c.post_id, decisions.c.category)
+    for start in range(0, len(ordered), JOIN_CHUNK):
+        chunk = ordered[start : start + JOIN_CHUNK]
+        query = select(decisions.c.post_id, decisions.c.category).where(key.in_(chunk))
+        found.update((row[0], row[1]) for row in conn.execute(query))
+    return found
+
+
+def _upsert(conn: Connection, table: Table) -> Insert:
+    """INSERT that replaces the row of the same (post_id, category): a retried post's
+    decision, a repeated verdict. `ON CONFLICT DO UPDATE` in both dialects."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(table)
+    key = [c.name for c in table.primary_key]
+    replaced = {c.name: insert.excluded[c.name] for c in table.columns if c.name not in key}
+    return insert.on_conflict_do_update(index_elements=key, set_=replaced)

@@ -26,13 +26,16 @@ posts, audit rate r and V violating posts. Each row carries its own audit_rate, 
 changed mid-window is handled. Verdicts still pending are simply absent: a window whose
 audits come back slower than dispatched verdicts overstates recall until they arrive.
 
-Aggregation runs in SQLite (one GROUP BY over decisions LEFT JOIN feedback, using their
-(post_id, category) keys), so memory does not grow with the log.
+Aggregation runs in the database (one GROUP BY over decisions LEFT JOIN feedback, using their
+(post_id, category) keys), so memory does not grow with the log. The query is written once for
+SQLite and PostgreSQL: flags compare to 1 (they are integers), and sums are spelled as CASE
+expressions, which both accept (PostgreSQL does not sum booleans).
 """
 
-import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
 
 
 @dataclass(frozen=True)
@@ -75,23 +78,25 @@ j AS (
     FROM decisions d
     LEFT JOIN feedback f ON f.post_id = d.post_id AND f.category = d.category
     LEFT JOIN t ON t.category = d.category
-    WHERE d.decided_at >= ?
+    WHERE d.decided_at >= :since
 )
 SELECT category, COUNT(*),
-    SUM(w IS NOT NULL AND disp),
-    SUM(w IS NOT NULL AND NOT disp),
-    SUM(w IS NOT NULL AND NOT disp AND v = 1),
-    SUM(v IS NOT NULL AND fallback),
-    SUM(v IS NOT NULL AND NOT fallback AND w IS NULL),
-    TOTAL(CASE WHEN v = 1 THEN w END),
-    TOTAL(CASE WHEN v = 1 AND rule THEN w END),
-    TOTAL(CASE WHEN rule THEN w END)
+    SUM(CASE WHEN w IS NOT NULL AND disp THEN 1 ELSE 0 END),
+    SUM(CASE WHEN w IS NOT NULL AND NOT disp THEN 1 ELSE 0 END),
+    SUM(CASE WHEN w IS NOT NULL AND NOT disp AND v = 1 THEN 1 ELSE 0 END),
+    SUM(CASE WHEN v IS NOT NULL AND fallback THEN 1 ELSE 0 END),
+    SUM(CASE WHEN v IS NOT NULL AND NOT fallback AND w IS NULL THEN 1 ELSE 0 END),
+    COALESCE(SUM(CASE WHEN v = 1 THEN w END), 0.0),
+    COALESCE(SUM(CASE WHEN v = 1 AND rule THEN w END), 0.0),
+    COALESCE(SUM(CASE WHEN rule THEN w END), 0.0)
 FROM j GROUP BY category ORDER BY category
 """
+# No candidate taus: an empty table of the same shape (an empty VALUES is not SQL).
+_NO_TAUS = "SELECT CAST(NULL AS TEXT), CAST(NULL AS FLOAT) WHERE 1 = 0"
 
 
 def estimate_quality(
-    conn: sqlite3.Connection,
+    conn: Connection,
     categories: Iterable[str] | None = None,
     taus: Mapping[str, float] | None = None,
     since: float | None = None,
@@ -106,11 +111,14 @@ def estimate_quality(
     since: only decisions with decided_at >= since (Unix seconds).
     """
     taus = dict(taus or {})
-    # The taus as a table to join; an empty VALUES is not SQL, hence the empty SELECT.
-    table = "VALUES " + ", ".join("(?, ?)" for _ in taus) if taus else "SELECT NULL, NULL WHERE 0"
-    params: list[object] = [x for item in taus.items() for x in item]
-    params.append(float("-inf") if since is None else since)
-    rows = {row[0]: row[1:] for row in conn.execute(_QUERY.format(taus=table), params)}
+    # The taus as a table to join, one pair of bound parameters per category.
+    pairs = [f"(:c{i}, CAST(:t{i} AS FLOAT))" for i in range(len(taus))]
+    table = "VALUES " + ", ".join(pairs) if taus else _NO_TAUS
+    params: dict[str, object] = {"since": float("-inf") if since is None else since}
+    for i, (name, tau) in enumerate(taus.items()):
+        params[f"c{i}"], params[f"t{i}"] = name, float(tau)
+    query = text(_QUERY.format(taus=table))
+    rows = {row[0]: tuple(row[1:]) for row in conn.execute(query, params)}
     names = list(rows) if categories is None else list(categories)
     return {name: _quality(name, taus.get(name), rows.get(name), min_audited) for name in names}
 
@@ -130,19 +138,20 @@ def _quality(name: str, tau: float | None, row: tuple | None, min_audited: int) 
     )
     # No audited verdict: misses are unobservable, and recall would read 1.0 by default.
     recall = w_hit / w_viol if n_aud > 0 and w_viol > 0 else None
+    # int() / float(): PostgreSQL answers bigint sums and may answer numeric ones.
     return CategoryQuality(
         category=name,
         tau=tau,
-        recall=recall,
-        precision=w_hit / w_rule if w_rule > 0 else None,
-        n_decisions=n,
-        n_dispatched_with_verdict=n_disp,
-        n_audited_with_verdict=n_aud,
-        n_violating_found_in_audit=n_aud_viol,
-        estimated_violating=w_viol,
-        estimated_misses=w_viol - w_hit,
-        n_fallback_with_verdict=n_fallback,
-        n_unexpected=n_unexpected,
+        recall=None if recall is None else float(recall),
+        precision=float(w_hit / w_rule) if w_rule > 0 else None,
+        n_decisions=int(n),
+        n_dispatched_with_verdict=int(n_disp),
+        n_audited_with_verdict=int(n_aud),
+        n_violating_found_in_audit=int(n_aud_viol),
+        estimated_violating=float(w_viol),
+        estimated_misses=float(w_viol - w_hit),
+        n_fallback_with_verdict=int(n_fallback),
+        n_unexpected=int(n_unexpected),
         few_audited=n_aud < min_audited,
     )
 

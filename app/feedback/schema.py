@@ -1,48 +1,141 @@
-"""The decision log's tables (SQLite), shared by the service that writes them and the tools
-that read them (`radar quality`).
+"""The decision log's tables, and how to open them: an SQLite file (the default, one per
+replica) or a PostgreSQL database shared by every replica (`RADAR_DECISION_LOG_URL`).
 
 One row per (post, category): what the router decided and why, and, once a vertical has
 judged the post, its verdict. A re-routed post (a retry) replaces its rows.
+
+Both backends are reached through SQLAlchemy Core with the same tables and the same SQL
+(upserts are `INSERT ... ON CONFLICT`, which SQLite >= 3.24 and PostgreSQL both speak). The
+flags stay integers (0/1) rather than booleans so that files written by earlier releases,
+whose tables were created by hand-written SQLite DDL of the same shape, open unchanged.
 """
 
 import sqlite3
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS decisions (
-    post_id TEXT NOT NULL,
-    category TEXT NOT NULL,
-    score REAL,                     -- p for the category; NULL for a fallback decision
-    dispatched INTEGER NOT NULL,    -- 1: the router sent the post to the vertical
-    audited INTEGER NOT NULL,       -- 1: released, but sampled for audit (sent anyway)
-    audit_rate REAL NOT NULL,       -- the category's audit rate when decided
-    thresholds_version TEXT,
-    model_version TEXT NOT NULL,
-    decided_at REAL NOT NULL,       -- Unix seconds
-    PRIMARY KEY (post_id, category)
-);
-CREATE INDEX IF NOT EXISTS decisions_by_time ON decisions (decided_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    post_id TEXT NOT NULL,
-    category TEXT NOT NULL,
-    violating INTEGER NOT NULL,     -- the vertical's verdict: 1 violating, 0 not
-    received_at REAL NOT NULL,
-    PRIMARY KEY (post_id, category)
-);
-CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (received_at);
-"""
+from sqlalchemy import (
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+metadata = MetaData()
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("post_id", Text, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("score", Float),  # p for the category; NULL for a fallback decision
+    Column("dispatched", Integer, nullable=False),  # 1: the router sent the post to the vertical
+    Column("audited", Integer, nullable=False),  # 1: released, but sampled for audit (sent)
+    Column("audit_rate", Float, nullable=False),  # the category's audit rate when decided
+    Column("thresholds_version", Text),
+    Column("model_version", Text, nullable=False),
+    Column("decided_at", Float, nullable=False),  # Unix seconds
+    PrimaryKeyConstraint("post_id", "category"),
+    Index("decisions_by_time", "decided_at"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("post_id", Text, nullable=False),
+    Column("category", Text, nullable=False),
+    Column("violating", Integer, nullable=False),  # the vertical's verdict: 1 violating, 0 not
+    Column("received_at", Float, nullable=False),
+    PrimaryKeyConstraint("post_id", "category"),
+    Index("feedback_by_time", "received_at"),
+)
+
+BACKENDS = ("sqlite", "postgresql")
+
+# Any fixed number: replicas starting together take it while creating the tables, so that two
+# `CREATE TABLE`s of the same name do not race (PostgreSQL would fail one of them).
+_SCHEMA_LOCK_KEY = 0x52414441  # "RADA"
 
 
-def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and, for writers, create) the log; WAL so readers never block the writer."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+class LogLocationError(ValueError):
+    """A decision-log location that is neither a path nor a supported database URL."""
+
+
+def log_url(location: str | Path) -> URL:
+    """The SQLAlchemy URL of a log location: a filesystem path is an SQLite file; anything
+    with '://' is a database URL (`postgresql+psycopg://user:pw@host/db`, `sqlite:///x`)."""
+    if isinstance(location, Path) or "://" not in location:
+        return URL.create("sqlite+pysqlite", database=str(location))
+    try:
+        url = make_url(location)
+    except ArgumentError as exc:
+        raise LogLocationError(f"not a database URL: {exc}") from exc
+    if url.get_backend_name() not in BACKENDS:
+        raise LogLocationError(
+            f"unsupported database {url.get_backend_name()!r}: use one of {', '.join(BACKENDS)}"
+        )
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() != "psycopg":
+        url = url.set(drivername="postgresql+psycopg")  # the driver we install (psycopg 3)
+    return url
+
+
+def describe(url: URL) -> str:
+    """The URL for logs and messages: never the password."""
+    return url.render_as_string(hide_password=True)
+
+
+def open_log(location: str | Path, *, readonly: bool = False) -> Engine:
+    """An engine on the log; writers also create the tables. Raises SQLAlchemy's errors
+    (OperationalError and kin) when the database cannot be reached or created."""
+    url = log_url(location)
+    if url.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(url, readonly)
     else:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=10, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: a committed transaction survives a power cut, not only a process crash;
-        # writes are batched, so it costs one fsync per batch.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(SCHEMA)
-    return conn
+        options = {"options": "-c default_transaction_read_only=on"} if readonly else {}
+        # pre_ping: a replica outlives database restarts; a dead pooled connection is
+        # replaced before use instead of failing one flush.
+        engine = create_engine(url, pool_pre_ping=True, connect_args=options)
+    if not readonly:
+        try:
+            create_tables(engine)
+        except Exception:
+            engine.dispose()
+            raise
+    return engine
+
+
+def create_tables(engine: Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+        metadata.create_all(conn, checkfirst=True)
+
+
+def _sqlite_engine(url: URL, readonly: bool) -> Engine:
+    path = Path(url.database or "")
+    if readonly:
+        # mode=ro: a reader never creates the file or takes a write lock.
+        ro = URL.create(
+            "sqlite+pysqlite", database=f"file:{path}", query={"mode": "ro", "uri": "true"}
+        )
+        return create_engine(ro, connect_args={"timeout": 10})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _durable(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        # WAL: readers never block the writer. FULL: a committed transaction survives a power
+        # cut, not only a process crash; writes are batched, so it costs one fsync per batch.
+        dbapi_conn.execute("PRAGMA journal_mode=WAL")
+        dbapi_conn.execute("PRAGMA synchronous=FULL")
+
+    return engine

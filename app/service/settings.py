@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.feedback.schema import LogLocationError, log_url
+
 
 class Settings(BaseSettings):
     """Every knob of the service; `RADAR_<NAME>` in the environment overrides each."""
@@ -66,6 +68,11 @@ class Settings(BaseSettings):
         default=Path("data/decision_log.sqlite3"),
         description="SQLite decision log that verdicts (POST /feedback) join; empty: off",
     )
+    decision_log_url: SecretStr | None = Field(
+        default=None,
+        description="database URL of a decision log shared by every replica, used instead of "
+        "RADAR_DECISION_LOG_PATH: postgresql://user:password@host:5432/db",
+    )
     decision_log_retention_days: float = Field(default=30.0, gt=0.0, le=3650.0)
     decision_log_max_rows: int = Field(default=10_000_000, ge=1000, description="(post, category)")
     quality_refresh_s: float = Field(
@@ -96,11 +103,25 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("decision_log_path", "shadow_thresholds_path", mode="before")
+    @field_validator(
+        "decision_log_path", "decision_log_url", "shadow_thresholds_path", mode="before"
+    )
     @classmethod
     def _empty_means_off(cls, value: object) -> object:
         # `RADAR_DECISION_LOG_PATH=` turns the log off; without this it would be Path(".").
         return None if value == "" else value
+
+    @field_validator("decision_log_url")
+    @classmethod
+    def _supported_database(cls, value: SecretStr | None) -> SecretStr | None:
+        # A field validator: the error names the variable, and it never echoes the URL (and
+        # its password) back; the CLI prints only the message.
+        if value is not None:
+            try:
+                log_url(value.get_secret_value())
+            except LogLocationError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
@@ -112,3 +133,11 @@ class Settings(BaseSettings):
         if self.queue_size < self.max_batch_size:
             raise ValueError("RADAR_QUEUE_SIZE must be at least RADAR_MAX_BATCH_SIZE")
         return self
+
+    @property
+    def decision_log_location(self) -> Path | str | None:
+        """Where the decision log lives: the shared database's URL if set, else the SQLite
+        path; None: no log."""
+        if self.decision_log_url is not None:
+            return self.decision_log_url.get_secret_value()
+        return self.decision_log_path

@@ -81,9 +81,9 @@ class ServiceState:
             log.error("%s", exc)
             raise
         self.engine = RouterEngine(self.router)
-        if s.decision_log_path is not None:
+        if s.decision_log_location is not None:
             self.decision_log = DecisionLog(
-                s.decision_log_path,
+                s.decision_log_location,
                 self.metrics.registry,
                 retention_s=s.decision_log_retention_days * 86400,
                 max_rows=s.decision_log_max_rows,
@@ -210,8 +210,12 @@ class ServiceState:
             if self.quality is None or self.decision_log is None:
                 continue
             window_s = self.settings.quality_window_hours * 3600
+            shadow = None if self.shadow is None else self.shadow.store.active
+            taus = None if shadow is None else shadow.taus
             try:
-                await asyncio.to_thread(self.quality.refresh, self.decision_log.path, window_s)
+                await asyncio.to_thread(
+                    self.quality.refresh, self.decision_log.engine, window_s, taus
+                )
             except Exception:  # an unreadable log must not end the task: retried next time
                 log.exception("online quality refresh failed")
 

@@ -28,10 +28,25 @@ def compose_env(name: str) -> dict[str, str]:
     return {k: compose_defaults(str(v)) for k, v in router.get("environment", {}).items()}
 
 
-def k8s_env() -> dict[str, str]:
+def k8s_container_env() -> list[dict[str, Any]]:
     docs = load_yaml_documents(K8S_DIR / "deployment.yaml")
     (container,) = docs[0]["spec"]["template"]["spec"]["containers"]
-    return {item["name"]: item["value"] for item in container["env"]}
+    return list(container["env"])
+
+
+def k8s_env() -> dict[str, str]:
+    """The literal values (those from a Secret are checked on their own)."""
+    return {item["name"]: item["value"] for item in k8s_container_env() if "value" in item}
+
+
+def test_k8s_variables_from_secrets_are_settings_and_optional() -> None:
+    """A pod must start without the Secret (each pod then keeps its own SQLite log)."""
+    fields = {"RADAR_" + name.upper() for name in Settings.model_fields}
+    from_secrets = [item for item in k8s_container_env() if "valueFrom" in item]
+    assert [item["name"] for item in from_secrets] == ["RADAR_DECISION_LOG_URL"]
+    for item in from_secrets:
+        assert item["name"] in fields
+        assert item["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 SOURCES: dict[str, Any] = {

@@ -1,11 +1,11 @@
 """IPW quality estimates (app.feedback.quality) on a seeded synthetic decision stream: equal
-to a hand computation, close to the truth the estimator never sees; and `radar quality`."""
+to a hand computation, close to the truth the estimator never sees; and `radar quality`.
+Every test runs on an SQLite log and on a real PostgreSQL one (tests/logs.py)."""
 
 import json
 import math
-import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import closing, contextmanager
+import socket
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,10 @@ import pytest
 
 from app.cli import main
 from app.feedback.quality import CategoryQuality, estimate_quality
-from app.feedback.schema import connect
+from app.feedback.schema import decisions, feedback, open_log
+from tests.logs import Location, make_log, reading
+
+NewLog = Callable[[], Location]
 
 # category: (prevalence, tau, audit rate)
 DESIGN = {"spam": (0.2, 0.5, 0.1), "nudity": (0.1, 0.6, 0.2)}
@@ -57,29 +60,34 @@ def stream(seed: int = 7, n: int = N_POSTS) -> list[Row]:
     return rows
 
 
-def write_log(path: Path, rows: Iterable[Row]) -> None:
+def write_log(location: Location, rows: Iterable[Row]) -> Location:
     """Decisions for every row; feedback only where the vertical judged the post."""
     rows = list(rows)
-    with closing(connect(path)) as conn:
-        conn.executemany(
-            "INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?, 'v1', 'm1', ?)",
-            [
-                (r.post_id, r.category, r.score, r.dispatched, r.audited, r.audit_rate,
-                 r.decided_at)
-                for r in rows
-            ],
-        )  # fmt: skip
-        conn.executemany(
-            "INSERT INTO feedback VALUES (?, ?, ?, ?)",
-            [(r.post_id, r.category, r.violating, r.decided_at + 60) for r in rows if r.verdict],
-        )
-        conn.commit()
-
-
-@contextmanager
-def reading(path: Path) -> Iterator[sqlite3.Connection]:
-    with closing(connect(path, readonly=True)) as conn:
-        yield conn
+    engine = open_log(location)
+    try:
+        with engine.begin() as conn:
+            if not rows:
+                return location
+            conn.execute(
+                decisions.insert(),
+                [
+                    {"post_id": r.post_id, "category": r.category, "score": r.score,
+                     "dispatched": int(r.dispatched), "audited": int(r.audited),
+                     "audit_rate": r.audit_rate, "thresholds_version": "v1",
+                     "model_version": "m1", "decided_at": r.decided_at}
+                    for r in rows
+                ],
+            )  # fmt: skip
+            judged = [
+                {"post_id": r.post_id, "category": r.category, "violating": int(r.violating),
+                 "received_at": r.decided_at + 60}
+                for r in rows if r.verdict
+            ]  # fmt: skip
+            if judged:
+                conn.execute(feedback.insert(), judged)
+    finally:
+        engine.dispose()
+    return location
 
 
 def hand(rows: list[Row], category: str, tau: float | None = None) -> dict[str, float | None]:
@@ -143,13 +151,16 @@ def rows() -> list[Row]:
 
 
 @pytest.fixture(scope="module")
-def log(rows: list[Row], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("quality") / "log.sqlite3"
-    write_log(path, rows)
-    return path
+def log(
+    rows: list[Row],
+    log_backend: str,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Location:
+    return write_log(make_log(log_backend, request, tmp_path_factory.mktemp("quality")), rows)
 
 
-def test_decisions_taken_equal_the_hand_computation(rows: list[Row], log: Path) -> None:
+def test_decisions_taken_equal_the_hand_computation(rows: list[Row], log: Location) -> None:
     with reading(log) as conn:
         result = estimate_quality(conn)
     assert list(result) == sorted(DESIGN)
@@ -167,7 +178,7 @@ def test_decisions_taken_equal_the_hand_computation(rows: list[Row], log: Path) 
         assert (q.n_fallback_with_verdict, q.n_unexpected, q.few_audited) == (0, 0, False)
 
 
-def test_decisions_taken_are_close_to_the_truth(rows: list[Row], log: Path) -> None:
+def test_decisions_taken_are_close_to_the_truth(rows: list[Row], log: Location) -> None:
     with reading(log) as conn:
         result = estimate_quality(conn)
     for category, q in result.items():
@@ -182,7 +193,7 @@ def test_decisions_taken_are_close_to_the_truth(rows: list[Row], log: Path) -> N
 
 @pytest.mark.parametrize("shift", [-0.15, 0.1])
 def test_candidate_tau_equals_the_hand_computation_and_is_close_to_the_truth(
-    rows: list[Row], log: Path, shift: float
+    rows: list[Row], log: Location, shift: float
 ) -> None:
     taus = {category: tau + shift for category, (_, tau, _) in DESIGN.items()}
     with reading(log) as conn:
@@ -201,7 +212,7 @@ def test_candidate_tau_equals_the_hand_computation_and_is_close_to_the_truth(
         assert (q.recall > taken[category].recall) == (shift < 0)  # type: ignore[operator]
 
 
-def test_a_category_missing_from_taus_is_judged_on_the_decisions_taken(log: Path) -> None:
+def test_a_category_missing_from_taus_is_judged_on_the_decisions_taken(log: Location) -> None:
     with reading(log) as conn:
         mixed = estimate_quality(conn, taus={"spam": 0.3})
         taken = estimate_quality(conn)
@@ -209,7 +220,7 @@ def test_a_category_missing_from_taus_is_judged_on_the_decisions_taken(log: Path
     assert mixed["nudity"] == taken["nudity"]
 
 
-def test_since_keeps_only_later_decisions(rows: list[Row], log: Path) -> None:
+def test_since_keeps_only_later_decisions(rows: list[Row], log: Location) -> None:
     since = T0 + N_POSTS // 2
     later = [r for r in rows if r.decided_at >= since]
     with reading(log) as conn:
@@ -222,7 +233,7 @@ def test_since_keeps_only_later_decisions(rows: list[Row], log: Path) -> None:
 
 
 def test_fallback_and_unexpected_rows_are_left_out_and_counted(
-    rows: list[Row], tmp_path: Path
+    rows: list[Row], new_log: NewLog
 ) -> None:
     extra = [
         # Fallback: the model failed, the post went to every vertical; no score.
@@ -233,8 +244,7 @@ def test_fallback_and_unexpected_rows_are_left_out_and_counted(
         # Audited at a rate of 0: no inclusion probability to invert.
         Row("u2", "spam", 0.2, False, True, 0.0, T0, True, True),
     ]
-    write_log(tmp_path / "log.sqlite3", rows + extra)
-    with reading(tmp_path / "log.sqlite3") as conn:
+    with reading(write_log(new_log(), rows + extra)) as conn:
         result = estimate_quality(conn)
         candidate = estimate_quality(conn, taus={"spam": 0.1})
     spam = result["spam"]
@@ -245,10 +255,9 @@ def test_fallback_and_unexpected_rows_are_left_out_and_counted(
     assert candidate["spam"].n_fallback_with_verdict == 2
 
 
-def test_without_audited_verdicts_recall_is_unknown(rows: list[Row], tmp_path: Path) -> None:
+def test_without_audited_verdicts_recall_is_unknown(rows: list[Row], new_log: NewLog) -> None:
     no_audits = [r for r in rows if not r.audited]
-    write_log(tmp_path / "log.sqlite3", no_audits)
-    with reading(tmp_path / "log.sqlite3") as conn:
+    with reading(write_log(new_log(), no_audits)) as conn:
         result = estimate_quality(conn)
         candidate = estimate_quality(conn, taus={"spam": 0.3, "nudity": 0.3})
     for q in (*result.values(), *candidate.values()):
@@ -258,17 +267,16 @@ def test_without_audited_verdicts_recall_is_unknown(rows: list[Row], tmp_path: P
     assert result["spam"].precision == pytest.approx(truth(rows, "spam")["precision"])
 
 
-def test_few_audits_are_flagged(rows: list[Row], tmp_path: Path) -> None:
-    write_log(tmp_path / "log.sqlite3", rows[:200])  # 100 posts: ~8 and ~17 audits
-    with reading(tmp_path / "log.sqlite3") as conn:
+def test_few_audits_are_flagged(rows: list[Row], new_log: NewLog) -> None:
+    # 100 posts: ~8 and ~17 audits
+    with reading(write_log(new_log(), rows[:200])) as conn:
         result = estimate_quality(conn, min_audited=30)
     assert all(q.few_audited and q.n_audited_with_verdict > 0 for q in result.values())
     assert all(q.recall is not None for q in result.values())
 
 
-def test_an_empty_log_gives_zero_counts(tmp_path: Path) -> None:
-    connect(tmp_path / "log.sqlite3").close()
-    with reading(tmp_path / "log.sqlite3") as conn:
+def test_an_empty_log_gives_zero_counts(new_log: NewLog) -> None:
+    with reading(write_log(new_log(), [])) as conn:
         assert estimate_quality(conn) == {}
         result = estimate_quality(conn, ["spam"], taus={"spam": 0.5})
     assert result["spam"] == CategoryQuality(
@@ -277,9 +285,9 @@ def test_an_empty_log_gives_zero_counts(tmp_path: Path) -> None:
 
 
 def test_cli_prints_a_table_and_json(
-    rows: list[Row], log: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    rows: list[Row], log: Location, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["quality", "--log", str(log)]) == 0
+    assert main(["quality", "--log", str(log)]) == 0  # a path or a URL
     text = capsys.readouterr().out
     assert "decisions taken" in text
     assert all(any(line.startswith(c) for line in text.splitlines()) for c in DESIGN)
@@ -309,14 +317,14 @@ def test_cli_prints_a_table_and_json(
 
 
 def test_cli_on_an_empty_log_prints_zero_counts(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    new_log: NewLog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    connect(tmp_path / "log.sqlite3").close()
+    empty = str(write_log(new_log(), []))
     candidate = tmp_path / "t.yaml"
     candidate.write_text("version: a\nmodel_version: m\ncategories:\n  spam:\n    tau: 0.5\n")
-    assert main(["quality", "--log", str(tmp_path / "log.sqlite3")]) == 0
+    assert main(["quality", "--log", empty]) == 0
     assert "no decisions" in capsys.readouterr().out
-    argv = ["quality", "--log", str(tmp_path / "log.sqlite3"), "--thresholds", str(candidate)]
+    argv = ["quality", "--log", empty, "--thresholds", str(candidate)]
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["taken"]["spam"]["n_decisions"] == 0
 
@@ -339,7 +347,7 @@ def test_cli_errors_exit_2_without_a_traceback(
     if setup == "not-sqlite":
         path.write_text("not a database, just text long enough to be looked at" * 20)
     elif setup != "missing":
-        connect(path).close()
+        write_log(path, [])
     if setup == "bad-thresholds":
         (tmp_path / "t.yaml").write_text("version: a\ncategories: {}\n")
         argv += ["--thresholds", str(tmp_path / "t.yaml")]
@@ -351,3 +359,33 @@ def test_cli_errors_exit_2_without_a_traceback(
     err = capsys.readouterr().err
     assert err.startswith("radar quality: ") and message in err
     assert "Traceback" not in err
+
+
+def test_cli_defaults_to_the_log_the_service_is_configured_with(
+    rows: list[Row],
+    log: Location,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A URL from the environment keeps its password out of the process list.
+    name = "RADAR_DECISION_LOG_PATH" if isinstance(log, Path) else "RADAR_DECISION_LOG_URL"
+    monkeypatch.setenv(name, str(log))
+    assert main(["quality", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["taken"]["spam"]["recall"] == pytest.approx(hand(rows, "spam")["recall"], abs=1e-9)
+
+
+def test_cli_on_an_unreachable_database_exits_2_and_never_prints_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"postgresql://radar:hunter2@127.0.0.1:{sock.getsockname()[1]}/radar"
+        assert main(["quality", "--log", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("radar quality: ") and "not a readable decision log" in err
+    assert "hunter2" not in err and "radar:***@127.0.0.1" in err
+    assert "Traceback" not in err
+
+    assert main(["quality", "--log", "mysql://radar@db/radar"]) == 2
+    assert "--log: unsupported database 'mysql'" in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""Decision logs on both backends for the tests: an SQLite file, or a fresh database on the
+real PostgreSQL server of `tests/postgres.py` (skipped, with the reason, where none can start;
+a failure instead under RADAR_REQUIRE_POSTGRES=1).
+
+The fixtures are registered for the whole suite (`pytest_plugins` in tests/conftest.py); every
+test using `log_backend` or `new_log` runs once per backend.
+"""
+
+import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Connection, text
+
+from app.feedback.schema import open_log
+
+Location = Path | str  # an SQLite path or a database URL, as DecisionLog takes them
+BACKENDS = ("sqlite", "postgresql")
+_serial = itertools.count()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def log_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def make_log(backend: str, request: pytest.FixtureRequest, folder: Path) -> Location:
+    """A new, empty log location on `backend` (nothing created yet for SQLite)."""
+    if backend == "postgresql":
+        server = request.getfixturevalue("postgres_server")
+        url = str(server.create_database())
+        request.addfinalizer(lambda: server.drop_database(url))  # ~7 MB each otherwise
+        return url
+    return folder / f"log-{next(_serial)}.sqlite3"
+
+
+@pytest.fixture
+def new_log(
+    log_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[], Location]:
+    """A factory of new, empty logs on this module's backend."""
+    return lambda: make_log(log_backend, request, tmp_path)
+
+
+@contextmanager
+def reading(location: Location) -> Iterator[Connection]:
+    """A read-only connection of our own: what another process (or a restart) would see."""
+    engine = open_log(location, readonly=True)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def log_settings(location: Location) -> dict[str, object]:
+    """The service settings that put its decision log at `location`."""
+    if isinstance(location, Path):
+        return {"decision_log_path": location}
+    return {"decision_log_url": location}
+
+
+def rows(location: Location, sql: str) -> list[tuple]:
+    with reading(location) as conn:
+        return [tuple(row) for row in conn.execute(text(sql))]
