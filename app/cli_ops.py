@@ -131,7 +131,13 @@ def _quality(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from app.feedback.quality import estimate_quality, render_quality
-    from app.feedback.schema import LogLocationError, describe, log_url, open_log
+    from app.feedback.schema import (
+        LogLocationError,
+        describe,
+        driver_message,
+        log_url,
+        open_log,
+    )
     from app.thresholds import ThresholdsError, parse_thresholds
 
     location = args.log or default_log_location()
@@ -171,8 +177,7 @@ def _quality(args: argparse.Namespace) -> int:
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:
-        # The driver's own words (first line), not SQLAlchemy's wrapper with the SQL.
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        reason = driver_message(exc)
         print(f"radar quality: {where} is not a readable decision log: {reason}", file=sys.stderr)
         return 2
     if args.json:

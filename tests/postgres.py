@@ -390,6 +390,19 @@ class PostgresServer:
             raise ValueError(f"not a database of create_database: {url}")
         self._admin("DROP DATABASE IF EXISTS {} WITH (FORCE)", name)
 
+    def cut_off(self, url: str, *, cut: bool = True) -> None:
+        """Simulate an outage of one database (`cut=False` ends it): new connections to it are
+        refused and the open ones are terminated, as when its server goes away."""
+        name = url.rsplit("/", 1)[1]
+        self._admin(f"ALTER DATABASE {{}} WITH ALLOW_CONNECTIONS {str(not cut).lower()}", name)
+        if cut:
+            assert psycopg is not None
+            with psycopg.connect(self._conninfo("postgres"), autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (name,),
+                )
+
     def _admin(self, statement: LiteralString, name: str) -> None:
         """Run `statement` on database `name` outside a transaction (as CREATE/DROP DATABASE
         must run), on a connection of its own."""

@@ -93,6 +93,13 @@ def describe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def driver_message(exc: Exception) -> str:
+    """The database driver's own words (first line) for a SQLAlchemy error, not the wrapper's
+    SQL, parameters and link."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def open_log(location: str | Path, *, readonly: bool = False) -> Engine:
     """An engine on the log; writers also create the tables. Raises SQLAlchemy's errors
     (OperationalError and kin) when the database cannot be reached or created."""

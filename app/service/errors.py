@@ -42,6 +42,12 @@ class NotReadyError(RetryableError):
     code = "not_ready"
 
 
+class DecisionLogUnavailableError(RetryableError):
+    """The decision log cannot take verdicts now (its database is down); nothing was stored."""
+
+    code = "decision_log_unavailable"
+
+
 class DeadlineExceededError(ServiceError):
     status_code = 504
     code = "deadline_exceeded"

@@ -5,9 +5,14 @@ import asyncio
 
 from fastapi import APIRouter, Depends, Request
 
-from app.feedback.log import Verdict
+from app.feedback.log import DecisionLogError, Verdict
 from app.service.admin import ADMIN_ERRORS, require_admin
-from app.service.errors import BadPostError, FeedbackDisabledError, TooManyPostsError
+from app.service.errors import (
+    BadPostError,
+    DecisionLogUnavailableError,
+    FeedbackDisabledError,
+    TooManyPostsError,
+)
 from app.service.schemas import ErrorBody, FeedbackIn, FeedbackOutcome
 from app.service.state import ServiceState
 
@@ -23,6 +28,7 @@ feedback_router = APIRouter(tags=["feedback"])
         404: {"model": ErrorBody, "description": "admin or the decision log disabled"},
         413: {"model": ErrorBody, "description": "more than RADAR_MAX_VERDICTS_PER_REQUEST"},
         422: {"model": ErrorBody, "description": "invalid body or an unknown category"},
+        503: {"model": ErrorBody, "description": "the decision log's database is unavailable"},
     },
 )
 async def feedback(body: FeedbackIn, request: Request) -> FeedbackOutcome:
@@ -42,5 +48,8 @@ async def feedback(body: FeedbackIn, request: Request) -> FeedbackOutcome:
             problem = f"not a category of the model ({sorted(categories)})"
             raise BadPostError(verdict.post_id, f"verdicts[{i}].category", problem)
     verdicts = [Verdict(v.post_id, v.category, v.violating) for v in body.verdicts]
-    joined = await asyncio.to_thread(log.add_feedback, verdicts)
+    try:
+        joined = await asyncio.to_thread(log.add_feedback, verdicts)
+    except DecisionLogError as exc:  # nothing was committed: the caller sends them again
+        raise DecisionLogUnavailableError(str(exc), state.settings.retry_after_s) from exc
     return FeedbackOutcome(accepted=len(verdicts), joined=joined)

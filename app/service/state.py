@@ -50,6 +50,7 @@ class ServiceState:
         self.decision_log: DecisionLog | None = None
         self.quality: QualityGauges | None = None
         self._quality_task: asyncio.Task[None] | None = None
+        self._quality_refresh: asyncio.Future[None] | None = None  # the one in its thread now
         self.thresholds: ThresholdsStore | None = None
         self.batcher: DynamicBatcher | None = None
         self.not_ready_reason: str | None = "starting"
@@ -134,6 +135,11 @@ class ServiceState:
                     await task
         if self.batcher is not None:
             await self.batcher.stop()
+        if self._quality_refresh is not None:
+            # Cancelling the task leaves its thread running: let it give its connection back
+            # before the log's engine is disposed, or the connection is never closed.
+            with contextlib.suppress(Exception):
+                await self._quality_refresh
         if self.decision_log is not None:  # after the batcher: the last decisions are logged
             await asyncio.to_thread(self.decision_log.stop)
         await self.images.aclose()
@@ -212,10 +218,11 @@ class ServiceState:
             window_s = self.settings.quality_window_hours * 3600
             shadow = None if self.shadow is None else self.shadow.store.active
             taus = None if shadow is None else shadow.taus
+            self._quality_refresh = asyncio.ensure_future(
+                asyncio.to_thread(self.quality.refresh, self.decision_log.engine, window_s, taus)
+            )
             try:
-                await asyncio.to_thread(
-                    self.quality.refresh, self.decision_log.engine, window_s, taus
-                )
+                await asyncio.shield(self._quality_refresh)
             except Exception:  # an unreadable log must not end the task: retried next time
                 log.exception("online quality refresh failed")
 

@@ -5,7 +5,9 @@ response (errors included) as the document describes it.
 Bounded for CI: `MAX_EXAMPLES` generated cases per operation (plus schemathesis' explicit
 and coverage cases). `positive_data_acceptance` is off on purpose: data the schema allows
 can still be refused by design (an image field holding base64 of a non-image, a title over
-`RADAR_MAX_TEXT_CHARS`), and that 422 is documented.
+`RADAR_MAX_TEXT_CHARS`), and that 422 is documented. Invalid data may also be refused with
+413 (a generated body over `RADAR_MAX_BODY_BYTES`), which schemathesis does not expect by
+default.
 """
 
 from collections import Counter
@@ -16,6 +18,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from app.service.app import create_app
@@ -26,7 +29,13 @@ from tests.service.live import server_thread
 MAX_EXAMPLES = 30
 
 # The document is the app's own; building the app loads nothing (that is the lifespan's job).
-schema = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
+REJECTIONS = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
+schema = schemathesis.openapi.from_dict(
+    create_app(Settings()).openapi(),
+    config=SchemathesisConfig.from_dict(
+        {"checks": {"negative_data_rejection": {"expected-statuses": REJECTIONS}}}
+    ),
+)
 
 
 @pytest.fixture(scope="module")
