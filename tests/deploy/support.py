@@ -59,8 +59,14 @@ def load_yaml_documents(path: Path) -> list[Any]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
+# What a required variable (`${VAR:?message}`) stands for in the checks.
+OPERATOR_SECRET = "set-by-the-operator"
+
+
 def compose_defaults(value: str) -> str:
-    """A compose value with each `${VAR:-default}` replaced by its default (VAR unset)."""
+    """A compose value with each `${VAR:-default}` replaced by its default (VAR unset), and
+    each required `${VAR:?message}` by OPERATOR_SECRET."""
+    value = re.sub(r"\$\{\w+:\?[^}]*\}", OPERATOR_SECRET, value)
     return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 

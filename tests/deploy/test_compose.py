@@ -8,9 +8,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+from sqlalchemy.engine import make_url
 
 from app.thresholds import parse_thresholds, validate_for_model
 from tests.deploy.support import (
+    OPERATOR_SECRET,
     PROMETHEUS_CONFIG,
     REPO,
     compose_defaults,
@@ -20,6 +22,7 @@ from tests.deploy.support import (
 
 COMPOSE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
+SHARED_LOG_OVERRIDE = REPO / "docker-compose.shared-log.yml"
 
 
 def compose_schema() -> dict[str, Any]:
@@ -41,7 +44,7 @@ def short_mounts(service: dict[str, Any]) -> dict[str, str]:
     return dict(volume.split(":")[:2] for volume in service["volumes"])
 
 
-@pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, GPU_OVERRIDE, SHARED_LOG_OVERRIDE], ids=lambda p: p.name)
 def test_compose_files_match_the_compose_spec(path: Path) -> None:
     assert schema_errors(load_yaml(path)) == []
 
@@ -60,6 +63,21 @@ def test_plain_stack_reserves_no_gpu_and_the_override_reserves_one() -> None:
     assert device["capabilities"] == ["gpu"]
     assert device["count"] == 1
     assert gpu["environment"]["RADAR_DEVICE"] == "cuda"
+
+
+def test_the_shared_log_override_points_the_router_at_its_postgres() -> None:
+    """The router's URL names the database the postgres service creates, with its user and
+    password, and the router waits until that database answers."""
+    services = load_yaml(SHARED_LOG_OVERRIDE)["services"]
+    router, postgres = services["router"], services["postgres"]
+    url = make_url(compose_defaults(router["environment"]["RADAR_DECISION_LOG_URL"]))
+    env = {k: compose_defaults(v) for k, v in postgres["environment"].items()}
+    assert (url.host, url.port) == ("postgres", 5432)
+    assert url.username == env["POSTGRES_USER"] and url.database == env["POSTGRES_DB"]
+    assert url.password == env["POSTGRES_PASSWORD"] == OPERATOR_SECRET  # required, no default
+    assert router["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "ports" not in postgres  # only on the compose network
+    assert short_mounts(postgres)["radar-postgres"] == "/var/lib/postgresql/data"
 
 
 def test_real_compose_merges_the_override(tmp_path: Path) -> None:

@@ -57,6 +57,11 @@ SOURCES: dict[str, Any] = {
         **compose_env("docker-compose.yml"),
         **compose_env("docker-compose.gpu.yml"),
     },
+    "docker-compose.shared-log.yml": lambda: {
+        **dockerfile_env(),
+        **compose_env("docker-compose.yml"),
+        **compose_env("docker-compose.shared-log.yml"),
+    },
     "deploy/k8s/deployment.yaml": lambda: {**dockerfile_env(), **k8s_env()},
 }
 
