@@ -92,6 +92,7 @@ class ShadowThresholds:
                 log.info("shadow thresholds %s withdrawn", self.store.active.version)
             self.store.active = None
             self.info.clear()
+            self.threshold.clear()  # no stale taus on the dashboard once the shadow ends
             return
         if result.status == "refused" and result.reason is not None:
             self.reload_failures.labels(result.reason).inc()

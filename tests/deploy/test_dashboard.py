@@ -25,7 +25,7 @@ from tests.deploy.support import (
 
 PROVISIONING = REPO / "deploy" / "grafana" / "provisioning"
 
-# What issue 6 asks the dashboard to show, as the series each view needs.
+# What issues 6 and 7 ask the dashboard to show, as the series each view needs.
 REQUIRED_SERIES = {
     "auto-pass rate overall": {"radar_auto_pass_total", "radar_posts_total"},
     "auto-pass and dispatch per category": {"radar_decisions_total"},
@@ -36,6 +36,15 @@ REQUIRED_SERIES = {
     "reload-failure rate": {"radar_thresholds_reload_failures_total"},
     "active thresholds": {"radar_threshold", "radar_thresholds_info"},
     "model version": {"radar_model_info"},
+    # issue 7: quality and shadow thresholds side by side
+    "online recall, active and shadow": {"radar_online_recall", "radar_shadow_online_recall"},
+    "auto-pass rate under the shadow": {"radar_shadow_auto_pass_total", "radar_shadow_posts_total"},
+    "dispatch precision": {"radar_dispatch_precision"},
+    "audits and verdicts": {"radar_audit_total", "radar_quality_verdicts"},
+    "decision log health": {
+        "radar_decision_log_write_failures_total",
+        "radar_decision_log_dropped_total",
+    },
 }
 
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
@@ -65,10 +74,18 @@ def write_thresholds(path: Path, version: str, tau: float | str) -> None:
 
 
 async def scrape_after_traffic(store: Path, thresholds: Path) -> str:
-    """/metrics of the real app on the tiny model after posts, refusals and a bad reload."""
+    """/metrics of the real app on the tiny model after posts, refusals and a bad reload,
+    with a decision log and shadow thresholds (their series exist only then)."""
     write_thresholds(thresholds, "v1", 0.5)
+    shadow = thresholds.with_name("shadow.yaml")
+    write_thresholds(shadow, "candidate", 0.3)
     settings = Settings(
-        model_dir=store, thresholds_path=thresholds, device="cpu", thresholds_poll_s=0.05
+        model_dir=store,
+        thresholds_path=thresholds,
+        shadow_thresholds_path=shadow,
+        decision_log_path=thresholds.with_name("decision_log.sqlite3"),
+        device="cpu",
+        thresholds_poll_s=0.05,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):

@@ -149,6 +149,9 @@ def stack(tiny_store: Path, tmp_path: Path) -> Iterator[Stack]:
     service_port, prometheus_port = free_port(), free_port()
     thresholds = tmp_path / "thresholds.yaml"
     write_thresholds(thresholds, "all-pass", dict.fromkeys(CATEGORIES, 1.0))
+    # A shadow candidate that would dispatch every post: the dashboard's shadow views have data.
+    shadow = tmp_path / "shadow.yaml"
+    write_thresholds(shadow, "dispatch-all", dict.fromkeys(CATEGORIES, 0.0))
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config(service_port)))
     # The shipped rules beside it, where `rule_files` looks: the real server loads them too.
@@ -162,6 +165,8 @@ def stack(tiny_store: Path, tmp_path: Path) -> Iterator[Stack]:
         "RADAR_DEVICE": "cpu",
         "RADAR_THRESHOLDS_POLL_S": "0.2",
         "RADAR_LOG_LEVEL": "warning",
+        "RADAR_SHADOW_THRESHOLDS_PATH": str(shadow),
+        "RADAR_DECISION_LOG_PATH": str(tmp_path / "decision_log.sqlite3"),
     }
     service_log, prometheus_log = tmp_path / "service.log", tmp_path / "prometheus.log"
     server = [
@@ -215,6 +220,11 @@ def test_prometheus_computes_the_auto_pass_rates_of_real_traffic(stack: Stack) -
     )
     raw = prometheus.scalar("sum(radar_auto_pass_total) / sum(radar_posts_total)")
     assert raw == pytest.approx(20 / 30)
+    # The shadow (tau 0 everywhere) would have dispatched every one of the same 30 posts.
+    side_by_side = substitute(queries["panel 'Auto-pass rate: active vs shadow' B"], WINDOW)
+    assert prometheus.scalar(side_by_side) == 0.0
+    shadow_taus = substitute(queries["panel 'Shadow tau per category' A"], WINDOW)
+    assert prometheus.by("category", shadow_taus) == dict.fromkeys(CATEGORIES, 0.0)
     assert prometheus.by("category", 'radar_threshold{job="radar"}') == {
         "lqc": 1.0,
         "rcs": 1.0,

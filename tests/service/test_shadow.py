@@ -98,8 +98,10 @@ async def test_shadow_is_polled_refusals_keep_it_and_deleting_the_file_ends_it(
         await wait_for(withdrawn)
         before = sample((await client.get("/metrics")).text, "radar_shadow_posts_total")
         assert (await client.post("/route", json=post("after"))).status_code == 200
-        after = sample((await client.get("/metrics")).text, "radar_shadow_posts_total")
+        text = (await client.get("/metrics")).text
+        after = sample(text, "radar_shadow_posts_total")
     assert after == before
+    assert "radar_shadow_threshold{" not in text  # no stale taus once the shadow ends
 
 
 async def test_a_bad_shadow_file_at_start_up_does_not_stop_the_service(
