@@ -3,7 +3,7 @@
 import os
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,18 @@ def random_images(count: int, seed: int = 0) -> tuple[Image.Image, ...]:
         pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
         images.append(Image.fromarray(pixels))
     return tuple(images)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def decision_log_outside_the_checkout(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[None]:
+    """Services the tests start without naming a decision log (in-process or as subprocesses,
+    which inherit the environment) log into a temporary file, not `data/` of the checkout."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("decision-log")
+        patch.setenv("RADAR_DECISION_LOG_PATH", str(folder / "decision_log.sqlite3"))
+        yield
 
 
 @pytest.fixture(scope="session")
