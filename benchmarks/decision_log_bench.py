@@ -9,6 +9,7 @@ it takes from routing (the GIL), so that is the figure to watch, not only wall t
     python benchmarks/decision_log_bench.py                       # SQLite and the baseline
     python benchmarks/decision_log_bench.py --start-postgres      # + a throwaway PostgreSQL
     python benchmarks/decision_log_bench.py --postgres-url postgresql://radar@db/radar
+    python benchmarks/decision_log_bench.py --long-log 100 --start-postgres   # 1.5 M decisions
 """
 
 import argparse
@@ -130,6 +131,44 @@ def summary(rows: int, walls: list[float], cpus: list[float]) -> dict:
     }
 
 
+def bench_long_log(location: Path | str, n_batches: int, posts_per_batch: int) -> dict:
+    """A long log, as after hours of traffic: its decisions, then the verticals' verdicts on
+    every dispatched or audited one in requests of 10,000; then what one more such request,
+    and one quality estimate over everything, cost."""
+    log = DecisionLog(location, CollectorRegistry(), retention_s=1e9, max_rows=10**9)
+    log.start()
+    try:
+        work = batches(n_batches, posts_per_batch, seed=2)
+        start = time.perf_counter()
+        judged = []
+        for batch in tqdm(work, desc=f"long log {describe(log_url(location))}", leave=False):
+            log.record(batch)
+            log.flush()
+            judged += [
+                Verdict(r.post_id, r.category, (r.score or 0) > 0.8)
+                for r in batch
+                if r.dispatched or r.audited
+            ]
+        earlier, last = judged[:-10_000], judged[-10_000:]  # the last request is timed
+        for i in range(0, len(earlier), 10_000):
+            log.add_feedback(earlier[i : i + 10_000])
+        fill_s = time.perf_counter() - start
+        request_wall, _ = timed(lambda: log.add_feedback(last))
+        with log.engine.connect() as conn:
+            estimate_wall, estimate_cpu = timed(lambda: estimate_quality(conn, CATEGORIES))
+    finally:
+        log.stop()
+    return {
+        "decisions": sum(len(b) for b in work),
+        "verdicts": len(judged),
+        "fill_s": fill_s,
+        "last_verdict_request_s": request_wall,
+        "last_verdict_request_size": len(last),
+        "estimate_s": estimate_wall,
+        "estimate_cpu_s_in_process": estimate_cpu,
+    }
+
+
 @contextlib.contextmanager
 def throwaway_postgres() -> Iterator[str]:
     from tests.postgres import PostgresServer  # the tests' real, temporary server
@@ -152,9 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--start-postgres", action="store_true", help="start a throwaway PostgreSQL (tests/)"
     )
+    parser.add_argument(
+        "--long-log",
+        type=int,
+        metavar="BATCHES",
+        help="instead: build a log of BATCHES flushes (e.g. 100: 1.5 M decisions) with "
+        "verdicts, then time one more verdict request and one quality estimate",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
+    if args.long_log is not None:
+        return long_log_main(args)
     work = batches(args.batches, args.posts_per_batch, seed=1)
     results: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
@@ -180,6 +228,30 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:<20} {r['rows_per_s']:>9.0f} {r['cpu_us_per_row']:>11.1f} "
             f"{r['flush_p50_ms']:>8.1f}ms {r['flush_max_ms']:>8.1f}ms" + extra
+        )
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def long_log_main(args: argparse.Namespace) -> int:
+    results: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        locations: dict[str, Path | str] = {"sqlite": folder / "long.sqlite3"}
+        url = args.postgres_url
+        if url is None and args.start_postgres:
+            url = stack.enter_context(throwaway_postgres())
+        if url is not None:
+            locations["postgresql"] = url
+        for name, location in locations.items():
+            results[name] = bench_long_log(location, args.long_log, args.posts_per_batch)
+    for name, r in results.items():
+        print(
+            f"{name:<11} {r['decisions']} decisions, {r['verdicts']} verdicts, filled in "
+            f"{r['fill_s']:.1f} s; {r['last_verdict_request_size']} more verdicts: "
+            f"{r['last_verdict_request_s']:.2f} s; estimate: {r['estimate_s']:.2f} s "
+            f"({r['estimate_cpu_s_in_process']:.2f} s CPU in this process)"
         )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -19,3 +19,15 @@ def test_the_benchmark_measures_every_writer(tmp_path: Path, postgres_url: str, 
     assert all(figures[n]["feedback_commit_ms"] > 0 for n in ("sqlite", "postgresql"))
     table = capsys.readouterr().out
     assert "120 rows in 2 flushes of 60 rows" in table and "postgresql" in table
+
+
+def test_the_long_log_mode_reports_its_figures(tmp_path: Path, postgres_url: str) -> None:
+    out = tmp_path / "long.json"
+    argv = ["--long-log", "2", "--posts-per-batch", "10", "--postgres-url", postgres_url]
+    assert main([*argv, "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert list(figures) == ["sqlite", "postgresql"]
+    for r in figures.values():
+        assert r["decisions"] == 2 * 10 * 6
+        assert 0 < r["last_verdict_request_size"] == r["verdicts"] <= r["decisions"]
+        assert r["estimate_s"] > 0 and r["last_verdict_request_s"] > 0
