@@ -135,14 +135,13 @@ def _quality(args: argparse.Namespace) -> int:
         LogLocationError,
         describe,
         driver_message,
-        log_url,
         open_log,
     )
     from app.thresholds import ThresholdsError, parse_thresholds
 
     location = args.log or default_log_location()
     try:
-        where = describe(log_url(location))
+        where = describe(location)
     except LogLocationError as exc:
         print(f"radar quality: --log: {exc}", file=sys.stderr)
         return 2

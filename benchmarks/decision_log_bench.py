@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from app.feedback.log import DecisionLog, DecisionRecord, Verdict  # noqa: E402
 from app.feedback.quality import estimate_quality  # noqa: E402
-from app.feedback.schema import describe, log_url  # noqa: E402
+from app.feedback.schema import describe  # noqa: E402
 
 CATEGORIES = ("spam", "nudity", "violence", "hate", "drugs", "weapons")
 _LEGACY_SCHEMA = """
@@ -76,7 +76,7 @@ def bench_log(location: Path | str, work: list[list[DecisionRecord]], verdicts: 
     log.start()
     try:
         walls, cpus = [], []
-        for batch in tqdm(work, desc=f"flush {describe(log_url(location))}", leave=False):
+        for batch in tqdm(work, desc=f"flush {describe(location)}", leave=False):
             log.record(batch)
             wall, cpu = timed(log.flush)
             walls.append(wall)
@@ -141,7 +141,7 @@ def bench_long_log(location: Path | str, n_batches: int, posts_per_batch: int) -
         work = batches(n_batches, posts_per_batch, seed=2)
         start = time.perf_counter()
         judged = []
-        for batch in tqdm(work, desc=f"long log {describe(log_url(location))}", leave=False):
+        for batch in tqdm(work, desc=f"long log {describe(location)}", leave=False):
             log.record(batch)
             log.flush()
             judged += [

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine, Insert, Table, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.feedback.schema import describe, driver_message, feedback, log_url, open_log
+from app.feedback.schema import describe, driver_message, feedback, open_log
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DecisionLog:
         max_pending: int = 200_000,
     ) -> None:
         self.location = location  # a path (SQLite) or a database URL
-        self.where = describe(log_url(location))  # for messages: no password
+        self.where = describe(location)  # for messages: no password
         self.retention_s = retention_s
         self.max_rows = max_rows
         self.flush_interval_s = flush_interval_s

@@ -21,10 +21,20 @@ vertical) say nothing about the scores, and verdicts on rows neither dispatched 
 a single audited verdict, misses are unobservable: recall is None, not 1.0.
 
 Both are ratios of weighted sums (Hajek estimators): consistent, slightly biased on few
-audits; the spread of recall is roughly sqrt(M (1 - r) / r) / V for M violating released
-posts, audit rate r and V violating posts. Each row carries its own audit_rate, so a rate
-changed mid-window is handled. Verdicts still pending are simply absent: a window whose
-audits come back slower than dispatched verdicts overstates recall until they arrive.
+audits. `recall_se` is the linearized standard error of recall under that Poisson sampling
+(each released post audited independently with probability 1/w):
+
+    se² = Σ_{violating} w (w - 1) (D - recall)² / (Σ_{violating} w)²
+
+Dispatched rows (w = 1) add nothing; it is roughly sqrt(M (1 - r) / r) / V for M violating
+released posts, audit rate r and V violating posts. recall ± 1.96 se covers the true recall
+about 95 % of the time (tests/feedback/test_quality.py checks the coverage). With no verdict
+showing a miss of the rule the formula gives 0, which would claim certainty from nothing seen:
+`recall_se` is None then.
+
+Each row carries its own audit_rate, so a rate changed mid-window is handled. Verdicts still
+pending are simply absent: a window whose audits come back slower than dispatched verdicts
+overstates recall until they arrive.
 
 Aggregation runs in the database (one GROUP BY over decisions LEFT JOIN feedback, using their
 (post_id, category) keys), so memory does not grow with the log. The query is written once for
@@ -32,6 +42,7 @@ SQLite and PostgreSQL: flags compare to 1 (they are integers), and sums are spel
 expressions, which both accept (PostgreSQL does not sum booleans).
 """
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -61,6 +72,8 @@ class CategoryQuality:
     n_fallback_with_verdict: int  # score NULL: left out
     n_unexpected: int  # verdict on a row neither dispatched nor audited: left out
     few_audited: bool  # fewer than `min_audited` audited verdicts: recall is a rough guess
+    # Standard error of `recall`; None with it, and while the verdicts show no miss of the rule.
+    recall_se: float | None = None
 
 
 # One row per decision in the window: w is NULL when the row has no usable verdict.
@@ -86,9 +99,12 @@ SELECT category, COUNT(*),
     SUM(CASE WHEN w IS NOT NULL AND NOT disp AND v = 1 THEN 1 ELSE 0 END),
     SUM(CASE WHEN v IS NOT NULL AND fallback THEN 1 ELSE 0 END),
     SUM(CASE WHEN v IS NOT NULL AND NOT fallback AND w IS NULL THEN 1 ELSE 0 END),
+    SUM(CASE WHEN w IS NOT NULL AND v = 1 AND NOT rule THEN 1 ELSE 0 END),
     COALESCE(SUM(CASE WHEN v = 1 THEN w END), 0.0),
     COALESCE(SUM(CASE WHEN v = 1 AND rule THEN w END), 0.0),
-    COALESCE(SUM(CASE WHEN rule THEN w END), 0.0)
+    COALESCE(SUM(CASE WHEN rule THEN w END), 0.0),
+    COALESCE(SUM(CASE WHEN v = 1 AND rule THEN w * (w - 1) END), 0.0),
+    COALESCE(SUM(CASE WHEN v = 1 AND NOT rule THEN w * (w - 1) END), 0.0)
 FROM j GROUP BY category ORDER BY category
 """
 # No candidate taus: an empty table of the same shape (an empty VALUES is not SQL).
@@ -125,34 +141,32 @@ def estimate_quality(
 
 def _quality(name: str, tau: float | None, row: tuple | None, min_audited: int) -> CategoryQuality:
     """One category's estimates from its aggregate row (None: no decisions at all)."""
-    n, n_disp, n_aud, n_aud_viol, n_fallback, n_unexpected, w_viol, w_hit, w_rule = row or (
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0.0,
-        0.0,
-        0.0,
-    )
+    counts, sums = (row[:7], row[7:]) if row else ((0,) * 7, (0.0,) * 5)
+    n, n_disp, n_aud, n_aud_viol, n_fallback, n_unexpected, n_missed = (int(x) for x in counts)
+    # float(): PostgreSQL may answer numeric sums (Decimal).
+    w_viol, w_hit, w_rule, var_hit, var_miss = (float(x) for x in sums)
     # No audited verdict: misses are unobservable, and recall would read 1.0 by default.
     recall = w_hit / w_viol if n_aud > 0 and w_viol > 0 else None
-    # int() / float(): PostgreSQL answers bigint sums and may answer numeric ones.
+    recall_se = None
+    # Without a single verdict the rule missed, the formula gives 0: not a certainty, just
+    # nothing seen yet (e.g. 0 misses among 30 audits), so no interval at all.
+    if recall is not None and n_missed > 0:
+        recall_se = math.sqrt(var_hit * (1 - recall) ** 2 + var_miss * recall**2) / w_viol
     return CategoryQuality(
         category=name,
         tau=tau,
-        recall=None if recall is None else float(recall),
-        precision=float(w_hit / w_rule) if w_rule > 0 else None,
-        n_decisions=int(n),
-        n_dispatched_with_verdict=int(n_disp),
-        n_audited_with_verdict=int(n_aud),
-        n_violating_found_in_audit=int(n_aud_viol),
-        estimated_violating=float(w_viol),
-        estimated_misses=float(w_viol - w_hit),
-        n_fallback_with_verdict=int(n_fallback),
-        n_unexpected=int(n_unexpected),
+        recall=recall,
+        precision=w_hit / w_rule if w_rule > 0 else None,
+        n_decisions=n,
+        n_dispatched_with_verdict=n_disp,
+        n_audited_with_verdict=n_aud,
+        n_violating_found_in_audit=n_aud_viol,
+        estimated_violating=w_viol,
+        estimated_misses=w_viol - w_hit,
+        n_fallback_with_verdict=n_fallback,
+        n_unexpected=n_unexpected,
         few_audited=n_aud < min_audited,
+        recall_se=recall_se,
     )
 
 
@@ -162,8 +176,11 @@ def render_quality(results: Mapping[str, CategoryQuality], title: str) -> str:
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:.1f}%"
 
+    def interval(q: CategoryQuality) -> str:
+        return "" if q.recall_se is None else f"{100 * 1.96 * q.recall_se:.1f}"
+
     head = (
-        f"{'category':<12} {'tau':>6} {'recall':>7} {'precision':>9} {'decisions':>9} "
+        f"{'category':<12} {'tau':>6} {'recall':>7} {'±95%':>5} {'precision':>9} {'decisions':>9} "
         f"{'disp+v':>7} {'audit+v':>7} {'audit viol':>10} {'est. miss':>9} "
         f"{'fallback':>8} {'unexpect':>8}"
     )
@@ -171,7 +188,7 @@ def render_quality(results: Mapping[str, CategoryQuality], title: str) -> str:
     for q in results.values():
         lines.append(
             f"{q.category:<12} {'taken' if q.tau is None else f'{q.tau:.4f}':>6} "
-            f"{pct(q.recall):>7} {pct(q.precision):>9} {q.n_decisions:>9} "
+            f"{pct(q.recall):>7} {interval(q):>5} {pct(q.precision):>9} {q.n_decisions:>9} "
             f"{q.n_dispatched_with_verdict:>7} {q.n_audited_with_verdict:>7} "
             f"{q.n_violating_found_in_audit:>10} {q.estimated_misses:>9.1f} "
             f"{q.n_fallback_with_verdict:>8} {q.n_unexpected:>8}"

@@ -88,8 +88,12 @@ def log_url(location: str | Path) -> URL:
     return url
 
 
-def describe(url: URL) -> str:
-    """The URL for logs and messages: never the password."""
+def describe(location: str | Path) -> str:
+    """A log location for logs and messages: a file as its path, a URL never with its
+    password. Raises LogLocationError as `log_url` does."""
+    url = log_url(location)
+    if isinstance(location, Path) or "://" not in location:
+        return str(location)
     return url.render_as_string(hide_password=True)
 
 
