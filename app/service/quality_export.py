@@ -42,6 +42,13 @@ class QualityGauges:
             ["category", "kind"],
             registry=registry,
         )
+        self.recall_upper = Gauge(
+            "radar_online_recall_upper",
+            "Upper end of the 95 % interval of radar_online_recall (the recall alert fires only "
+            "when even this is under target); NaN: unknown.",
+            ["category"],
+            registry=registry,
+        )
         self.shadow_recall = Gauge(
             "radar_shadow_online_recall",
             "Estimated recall the shadow thresholds would have (same verdicts, IPW); NaN: "
@@ -51,6 +58,7 @@ class QualityGauges:
         )
         for name in self.categories:
             self.recall.labels(name).set(math.nan)
+            self.recall_upper.labels(name).set(math.nan)
             self.shadow_recall.labels(name).set(math.nan)
             self.precision.labels(name).set(math.nan)
             for kind in ("dispatched", "audited"):
@@ -68,6 +76,7 @@ class QualityGauges:
                 under = estimate_quality(conn, self.categories, shadow_taus, since)
         for name, q in found.items():
             self.recall.labels(name).set(_recall(q))
+            self.recall_upper.labels(name).set(_recall_upper(q))
             self.precision.labels(name).set(math.nan if q.precision is None else q.precision)
             self.verdicts.labels(name, "dispatched").set(q.n_dispatched_with_verdict)
             self.verdicts.labels(name, "audited").set(q.n_audited_with_verdict)
@@ -79,3 +88,11 @@ class QualityGauges:
 def _recall(q: CategoryQuality) -> float:
     """NaN unless estimated from enough audited verdicts."""
     return math.nan if q.few_audited or q.recall is None else q.recall
+
+
+def _recall_upper(q: CategoryQuality) -> float:
+    """recall + 1.96 se, at most 1; the recall itself while no miss was seen (no interval)."""
+    recall = _recall(q)
+    if math.isnan(recall) or q.recall_se is None:
+        return recall
+    return min(1.0, recall + 1.96 * q.recall_se)

@@ -140,6 +140,7 @@ async def test_online_quality_gauges_follow_the_verdicts(
         text = (await client.get("/metrics")).text
         # NaN before any verdict: unknown, neither 0 nor 1.
         assert math.isnan(sample(text, "radar_online_recall", {"category": first}))
+        assert math.isnan(sample(text, "radar_online_recall_upper", {"category": first}))
         body = {"posts": [post(f"q{i}", f"t{i}") for i in range(40)]}
         assert (await client.post("/route/batch", json=body)).status_code == 200
         verdicts = [{"post_id": f"q{i}", "category": first, "violating": i < 10} for i in range(40)]
@@ -157,6 +158,8 @@ async def test_online_quality_gauges_follow_the_verdicts(
         text = await refreshed()
     # The 10 violating posts were all released: the router caught none of them.
     assert sample(text, "radar_online_recall", {"category": first}) == 0.0
+    # Every release audited (rate 1): a census, so the interval has no width.
+    assert sample(text, "radar_online_recall_upper", {"category": first}) == 0.0
     assert sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}) == 40
     # Nothing dispatched: no precision to report.
     assert math.isnan(sample(text, "radar_dispatch_precision", {"category": first}))
