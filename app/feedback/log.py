@@ -34,9 +34,9 @@ from app.feedback.schema import describe, driver_message, feedback, open_log
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 60.0
-# Keys per `IN` query when joining verdicts: well under SQLite's and PostgreSQL's limits on
-# bound parameters (two per key).
-JOIN_CHUNK = 1000
+# Keys per query when joining verdicts to decisions, two bound parameters each: under the 999
+# that SQLite builds before 3.32 allow (newer ones and PostgreSQL allow far more).
+JOIN_CHUNK = 450
 _PRUNE_LOCK_KEY = 0x52414442  # any fixed number, shared by the replicas
 
 
