@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
-from sqlalchemy import Connection, Engine, Insert, Table, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Connection, Engine, Integer, Table, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.feedback.schema import describe, driver_message, feedback, open_log
+from app.feedback.schema import decisions, describe, driver_message, feedback, open_log
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +44,8 @@ class DecisionLogError(RuntimeError):
 
 
 class DecisionRecord(NamedTuple):
-    """One (post, category) decision, as the `decisions` table stores it."""
+    """One (post, category) decision, as the `decisions` table stores it, in its column order
+    (the writer hands the tuples to the driver as they are)."""
 
     post_id: str
     category: str
@@ -156,20 +156,16 @@ class DecisionLog:
         except SQLAlchemyError as exc:
             raise DecisionLogError(f"verdicts not stored: {driver_message(exc)}") from exc
         now = time.time()
-        # Sorted by key: the same lock order as every other writer of the shared log.
+        # Sorted by key: the same lock order as every other writer of the shared log (stable: of
+        # two verdicts on one key, the later wins). Tuples in the `feedback` table's order.
         rows = sorted(
-            (
-                {"post_id": v.post_id, "category": v.category, "violating": int(v.violating),
-                 "received_at": now}
-                for v in verdicts
-            ),
-            key=lambda row: (row["post_id"], row["category"]),
-        )  # fmt: skip
+            ((v.post_id, v.category, v.violating, now) for v in verdicts), key=lambda r: r[:2]
+        )
         keys = {(v.post_id, v.category) for v in verdicts}
         try:
             with self._write_lock, engine.begin() as conn:
                 if rows:
-                    conn.execute(_upsert(conn, feedback), rows)
+                    conn.exec_driver_sql(_upsert_sql(feedback, conn.dialect.paramstyle), rows)
                 logged = _logged_keys(conn, keys)
         except SQLAlchemyError as exc:
             raise DecisionLogError(f"verdicts not stored: {driver_message(exc)}") from exc
@@ -192,7 +188,7 @@ class DecisionLog:
             with self._write_lock, self._engine.begin() as conn:
                 # The records go to the driver as the tuples they are: SQLAlchemy's per-row
                 # parameter processing would cost 3-4x the CPU, on the service's GIL.
-                conn.exec_driver_sql(_upsert_decisions_sql(conn.dialect.paramstyle), rows)
+                conn.exec_driver_sql(_upsert_sql(decisions, conn.dialect.paramstyle), rows)
         except SQLAlchemyError:
             self._pending.extendleft(reversed(batch))  # retried at the next flush
             raise
@@ -270,28 +266,20 @@ def _logged_keys(conn: Connection, keys: set[tuple[str, str]]) -> set[tuple[str,
 
 
 @functools.cache
-def _upsert_decisions_sql(paramstyle: str) -> str:
-    """The decisions upsert in the driver's own placeholders, for tuples in `DecisionRecord`
-    order. The flags arrive as Python bools: CAST, because PostgreSQL will not put a boolean
-    in an integer column by itself."""
+def _upsert_sql(table: Table, paramstyle: str) -> str:
+    """INSERT that replaces the row of the same key (a retried post's decision, a repeated
+    verdict), for tuples in the table's column order, in the driver's own placeholders;
+    `ON CONFLICT DO UPDATE` in both SQLite and PostgreSQL. The 0/1 flags arrive as Python
+    bools: CAST, because PostgreSQL will not put a boolean in an integer column by itself."""
     mark = "?" if paramstyle == "qmark" else "%s"
+    names = [c.name for c in table.columns]
     values = ", ".join(
-        f"CAST({mark} AS INTEGER)" if name in ("dispatched", "audited") else mark
-        for name in DecisionRecord._fields
+        f"CAST({mark} AS INTEGER)" if isinstance(c.type, Integer) else mark for c in table.columns
     )
-    replaced = ", ".join(f"{name} = excluded.{name}" for name in DecisionRecord._fields[2:])
-    # Only constant identifiers are formatted in; the values are bound.
-    return (
-        f"INSERT INTO decisions ({', '.join(DecisionRecord._fields)}) VALUES ({values}) "  # noqa: S608
-        f"ON CONFLICT (post_id, category) DO UPDATE SET {replaced}"
-    )
-
-
-def _upsert(conn: Connection, table: Table) -> Insert:
-    """INSERT that replaces the row of the same (post_id, category): a retried post's
-    decision, a repeated verdict. `ON CONFLICT DO UPDATE` in both dialects."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    insert = dialect.insert(table)
     key = [c.name for c in table.primary_key]
-    replaced = {c.name: insert.excluded[c.name] for c in table.columns if c.name not in key}
-    return insert.on_conflict_do_update(index_elements=key, set_=replaced)
+    replaced = ", ".join(f"{name} = excluded.{name}" for name in names if name not in key)
+    # Only the schema's own identifiers are formatted in; the values are bound.
+    return (
+        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({values}) "  # noqa: S608
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {replaced}"
+    )

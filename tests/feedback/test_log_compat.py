@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from app.feedback.log import DecisionLog, DecisionRecord, Verdict
 from app.feedback.quality import estimate_quality
+from app.feedback.schema import decisions
 from tests.logs import reading
 
 # app/feedback/schema.py as it was before the log moved onto SQLAlchemy.
@@ -55,3 +56,8 @@ def test_a_log_of_the_previous_release_opens_and_keeps_its_rows(tmp_path: Path) 
         1,
     )
     assert spam.recall == 1 / 3
+
+
+def test_decision_records_are_in_the_tables_column_order() -> None:
+    """The writer hands each record to the driver as a tuple in the table's column order."""
+    assert DecisionRecord._fields == tuple(c.name for c in decisions.columns)

@@ -303,3 +303,19 @@ async def test_shadow_recall_is_estimated_from_the_same_verdicts(
     assert sample(text, "radar_shadow_online_recall", {"category": first}) == 1.0
     # No verdicts on the other categories: unknown under both.
     assert math.isnan(sample(text, "radar_shadow_online_recall", {"category": categories[1]}))
+
+
+async def test_of_two_verdicts_on_one_post_in_a_request_the_later_wins(
+    running, tiny_store: Path, new_log: NewLog
+) -> None:
+    location = new_log()
+    first = categories_of(tiny_store)[0]
+    async with running(admin_token="s3cret", **log_settings(location)) as (client, _):
+        assert (await client.post("/route", json=post("twice", "t"))).status_code == 200
+        verdicts = [
+            {"post_id": "twice", "category": first, "violating": True},
+            {"post_id": "twice", "category": first, "violating": False},
+        ]
+        answer = await client.post("/feedback", json={"verdicts": verdicts}, headers=TOKEN)
+    assert answer.json() == {"accepted": 2, "joined": 2}
+    assert rows(location, "SELECT violating FROM feedback") == [(0,)]
