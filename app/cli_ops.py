@@ -135,6 +135,7 @@ def _quality(args: argparse.Namespace) -> int:
         LogLocationError,
         describe,
         driver_message,
+        is_database_url,
         open_log,
     )
     from app.thresholds import ThresholdsError, parse_thresholds
@@ -145,7 +146,7 @@ def _quality(args: argparse.Namespace) -> int:
     except LogLocationError as exc:
         print(f"radar quality: --log: {exc}", file=sys.stderr)
         return 2
-    if "://" not in location and not Path(location).is_file():
+    if not is_database_url(location) and not Path(location).is_file():
         print(f"radar quality: no decision log at {location}", file=sys.stderr)
         return 2
     if args.since_hours is not None and args.since_hours <= 0:
@@ -171,8 +172,13 @@ def _quality(args: argparse.Namespace) -> int:
                 if candidate is not None:  # both tables over the log's and the file's categories
                     names = sorted(set(taken) | set(candidate.categories))
                     taus = {name: c.tau for name, c in candidate.categories.items()}
-                    taken = estimate_quality(conn, names, since=since)
                     under = estimate_quality(conn, names, taus, since)
+                    # A file's category the log never saw has zero counts under any rule: no
+                    # second pass over the log to say so for the decisions taken.
+                    taken = {
+                        name: taken.get(name) or dataclasses.replace(under[name], tau=None)
+                        for name in names
+                    }
         finally:
             engine.dispose()
     except SQLAlchemyError as exc:

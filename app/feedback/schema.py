@@ -70,10 +70,15 @@ class LogLocationError(ValueError):
     """A decision-log location that is neither a path nor a supported database URL."""
 
 
+def is_database_url(location: str | Path) -> bool:
+    """A log location with '://' is a database URL (`postgresql://user:pw@host/db`,
+    `sqlite:///x`); anything else is the path of an SQLite file."""
+    return isinstance(location, str) and "://" in location
+
+
 def log_url(location: str | Path) -> URL:
-    """The SQLAlchemy URL of a log location: a filesystem path is an SQLite file; anything
-    with '://' is a database URL (`postgresql+psycopg://user:pw@host/db`, `sqlite:///x`)."""
-    if isinstance(location, Path) or "://" not in location:
+    """The SQLAlchemy URL of a log location (`is_database_url`)."""
+    if not is_database_url(location):
         return URL.create("sqlite+pysqlite", database=str(location))
     try:
         url = make_url(location)
@@ -92,7 +97,7 @@ def describe(location: str | Path) -> str:
     """A log location for logs and messages: a file as its path, a URL never with its
     password. Raises LogLocationError as `log_url` does."""
     url = log_url(location)
-    if isinstance(location, Path) or "://" not in location:
+    if not is_database_url(location):
         return str(location)
     return url.render_as_string(hide_password=True)
 
