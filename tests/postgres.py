@@ -21,7 +21,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +30,8 @@ from types import TracebackType
 from typing import LiteralString, Self
 
 import pytest
+
+from benchmarks.loadgen import free_port
 
 try:
     import psycopg
@@ -92,13 +93,6 @@ def find_pg_bin() -> Path | None:
 
 def _is_pg_bin(folder: Path) -> bool:
     return all(os.access(folder / name, os.X_OK) for name in ("initdb", "postgres"))
-
-
-def free_port() -> int:
-    """A loopback port free right now (another process may take it before the server does)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run_as_prefix() -> tuple[tuple[str, ...], pwd.struct_passwd | None]:

@@ -21,7 +21,8 @@ from app.service.engine import RouterEngine
 from app.service.images import ImageLoader
 from app.service.settings import Settings
 from app.thresholds import load_thresholds
-from tests.service.live import free_port, wait_ready
+from benchmarks.loadgen import free_port
+from tests.service.live import wait_ready
 
 pytest.importorskip("litserve")
 pytestmark = pytest.mark.slow

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,13 +41,6 @@ def require_tool(name: str, optional: bool = False) -> str:
     if os.environ.get("RADAR_REQUIRE_DEPLOY_TOOLS") == "1" and not optional:
         pytest.fail(f"RADAR_REQUIRE_DEPLOY_TOOLS=1 but {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    """A loopback port free right now (the OS may hand it out again, rarely)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def load_yaml(path: Path) -> Any:

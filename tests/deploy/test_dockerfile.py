@@ -15,7 +15,8 @@ import pytest
 from app.cli import build_parser
 from app.service.app import create_app
 from app.service.settings import Settings
-from tests.deploy.support import REPO, free_port, require_tool
+from benchmarks.loadgen import free_port
+from tests.deploy.support import REPO, require_tool
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -23,11 +23,11 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.loadgen import free_port
 from tests.deploy.support import (
     PROMETHEUS_CONFIG,
     dashboard,
     dashboard_queries,
-    free_port,
     load_yaml,
     require_tool,
     substitute,

@@ -22,12 +22,6 @@ from app.service.app import create_app
 from app.service.settings import Settings
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_ready(
     url: str,
     timeout_s: float,

@@ -5,6 +5,7 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.service.state import ServiceState
 from tests.service.conftest import post
 
 
@@ -16,16 +17,22 @@ def sample(metrics_text: str, name: str, labels: dict[str, str] | None = None) -
     raise KeyError(name)
 
 
+def count_forwards(state: ServiceState) -> list[int]:
+    """Wrap the router's forward: the returned list gets each forward's batch size."""
+    forwards: list[int] = []
+    real_forward = state.router.forward
+
+    def counting(inputs):
+        forwards.append(int(inputs["input_ids"].shape[0]))
+        return real_forward(inputs)
+
+    state.router.forward = counting
+    return forwards
+
+
 async def test_concurrent_requests_share_one_forward(running) -> None:
     async with running(max_batch_size=8, max_wait_ms=500) as (client, state):
-        forwards = []
-        real_forward = state.router.forward
-
-        def counting(inputs):
-            forwards.append(int(inputs["input_ids"].shape[0]))
-            return real_forward(inputs)
-
-        state.router.forward = counting
+        forwards = count_forwards(state)
         responses = await asyncio.gather(
             *(client.post("/route", json=post(f"s{i}", "x " * i)) for i in range(8))
         )
@@ -98,14 +105,7 @@ async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:
 async def test_lone_posts_skip_the_wait_at_low_load_and_batching_resumes(running) -> None:
     # A long deadline: the admission's cost estimate counts the first posts' 1 s waits.
     async with running(max_batch_size=8, max_wait_ms=1000, deadline_ms=60000) as (client, state):
-        forwards = []
-        real_forward = state.router.forward
-
-        def counting(inputs):
-            forwards.append(int(inputs["input_ids"].shape[0]))
-            return real_forward(inputs)
-
-        state.router.forward = counting
+        forwards = count_forwards(state)
         latencies = []
         for i in range(6):  # one caller at a time
             started = asyncio.get_running_loop().time()

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from app.feedback.log import DecisionLog, DecisionRecord
@@ -19,6 +20,16 @@ from tests.service.test_batching import sample
 
 TOKEN = {"Authorization": "Bearer s3cret"}
 NewLog = Callable[[], Location]
+
+
+async def refreshed_metrics(client: httpx.AsyncClient, category: str) -> str:
+    """/metrics once the quality gauges have counted `category`'s audited verdicts."""
+    for _ in range(100):
+        text = (await client.get("/metrics")).text
+        if sample(text, "radar_quality_verdicts", {"category": category, "kind": "audited"}):
+            return text
+        await asyncio.sleep(0.05)
+    raise AssertionError("quality gauges never refreshed")
 
 
 async def test_decisions_are_logged_and_verdicts_are_committed_and_joined(
@@ -147,15 +158,7 @@ async def test_online_quality_gauges_follow_the_verdicts(
         answer = await client.post("/feedback", json={"verdicts": verdicts}, headers=TOKEN)
         assert answer.json() == {"accepted": 40, "joined": 40}
 
-        async def refreshed() -> str:
-            for _ in range(100):
-                text = (await client.get("/metrics")).text
-                if sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}):
-                    return text
-                await asyncio.sleep(0.05)
-            raise AssertionError("quality gauges never refreshed")
-
-        text = await refreshed()
+        text = await refreshed_metrics(client, first)
     # The 10 violating posts were all released: the router caught none of them.
     assert sample(text, "radar_online_recall", {"category": first}) == 0.0
     # Every release audited (rate 1): a census, so the interval has no width.
@@ -294,11 +297,7 @@ async def test_shadow_recall_is_estimated_from_the_same_verdicts(
         assert (await client.post("/feedback", json={"verdicts": verdicts}, headers=TOKEN)).json()[
             "joined"
         ] == 40
-        for _ in range(100):
-            text = (await client.get("/metrics")).text
-            if sample(text, "radar_quality_verdicts", {"category": first, "kind": "audited"}):
-                break
-            await asyncio.sleep(0.05)
+        text = await refreshed_metrics(client, first)
     assert sample(text, "radar_online_recall", {"category": first}) == 0.0
     assert sample(text, "radar_shadow_online_recall", {"category": first}) == 1.0
     # No verdicts on the other categories: unknown under both.

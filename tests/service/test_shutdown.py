@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 import app.cli
+from benchmarks.loadgen import free_port
 from tests.service.conftest import png_b64, write_thresholds
-from tests.service.live import free_port, serve_subprocess, wait_ready
+from tests.service.live import serve_subprocess, wait_ready
 
 pytestmark = pytest.mark.slow
 
