@@ -417,7 +417,7 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     only when a command loaded their modules: importing those for every command would load
     torch (seconds) for `radar thresholds` too."""
     errors: list[type[Exception]] = [ModelStoreError, ValueError]
-    for module, name in (("app.training.data", "DataError"), ("app.training.teach", "TeachError")):
+    for module, name in (("app.data.records", "DataError"), ("app.training.teach", "TeachError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -7,6 +7,8 @@ returned (and logged and counted by the caller) and the old thresholds stay.
 
 import hashlib
 import logging
+import os
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -206,3 +208,23 @@ class ThresholdsStore:
         except OSError:
             return None
         return (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_dev)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path`.
+
+    The service polls the file: it must only ever see the old or the whole new file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        tmp.chmod(0o644)  # mkstemp makes it 0600: the service may run as another user
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -6,8 +6,8 @@ store is only read for its router.json (categories, model_version): no weights a
 
 `promote` installs a file the way the service wants to see it change: the bytes go to a
 temporary file in the target's directory, fsynced, then renamed over the target
-(`write_atomically`, shared with `radar calibrate`), so a poll sees the old or the whole new
-file, never a part. Every refusal leaves the target as it was.
+(`app.thresholds.write_atomically`, shared with `radar calibrate`), so a poll sees the old or
+the whole new file, never a part. Every refusal leaves the target as it was.
 """
 
 import hashlib
@@ -22,6 +22,7 @@ from app.thresholds import (
     parse_thresholds,
     read_thresholds_file,
     validate_for_model,
+    write_atomically,
 )
 
 
@@ -224,7 +225,6 @@ def check_target(active_path: Path) -> None:
 
 def install(loaded: Loaded, active_path: Path) -> None:
     """Copy `loaded`'s exact bytes over `active_path`: temp file, fsync, rename."""
-    from app.evaluation.calibrate import write_atomically
 
     try:
         text = loaded.raw.decode("utf-8")  # write_atomically writes UTF-8 text: byte-exact

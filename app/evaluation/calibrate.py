@@ -19,8 +19,6 @@ refused unless `allow_few_positives`; a category with no positive at all then ge
 """
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +27,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from app.data.records import label_matrix, load_records
 from app.evaluation.evaluate import ScoredData, default_command, now_iso, score_data
 from app.evaluation.metrics import auto_pass_at_recall, overall_auto_pass_rate
 from app.model.config import read_config
-from app.thresholds import ThresholdsFile, validate_for_model
-from app.training.data import label_matrix, load_records
+from app.thresholds import ThresholdsFile, validate_for_model, write_atomically
 
 DEFAULT_MIN_POSITIVES = 20
 VERSION_MAX = 128  # ThresholdsFile.version's max_length
@@ -240,26 +238,6 @@ def thresholds_document(
         "categories": {c.category: c.to_yaml() for c in calibrated},
         "calibration": calibration,
     }
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, fsync it, rename it over `path`.
-
-    The service polls the file: it must only ever see the old or the whole new file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        tmp.chmod(0o644)  # mkstemp makes it 0600: the service may run as another user
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _check_min_positives(min_positives: int) -> None:

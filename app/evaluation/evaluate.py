@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.data.records import PostDataset, fingerprint, label_matrix, load_records
+from app.data.scoring import predict
 from app.evaluation.metrics import (
     RECALL_TARGETS,
     EvaluationReport,
@@ -36,8 +38,6 @@ from app.evaluation.metrics import (
 from app.model.config import read_config
 from app.model.store import load_router
 from app.thresholds import load_thresholds
-from app.training.data import PostDataset, fingerprint, label_matrix, load_records
-from app.training.loop_parts import predict
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 from transformers import PreTrainedModel
 
-from app.evaluation.metrics import evaluate_scores
-from app.model.config import RouterConfig, read_config_file
-from app.model.router import Router
-from app.model.store import new_router, relocate_config
-from app.training.config import TrainConfig
-from app.training.data import (
+from app.data.records import (
     PostDataset,
     filter_annotated,
     label_matrix,
@@ -25,6 +19,12 @@ from app.training.data import (
     make_collate,
     teacher_matrix,
 )
+from app.data.scoring import predict
+from app.evaluation.metrics import evaluate_scores
+from app.model.config import RouterConfig, read_config_file
+from app.model.router import Router
+from app.model.store import new_router, relocate_config
+from app.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,6 @@ class IndexedCollate:
         batch = dict(self.collate([item for _, item in items]))
         batch["ids"] = [index for index, _ in items]
         return batch
-
-
-@torch.inference_mode()
-def predict(
-    router: Router, dataset: PostDataset, batch_size: int, progress: bool = False
-) -> np.ndarray:
-    """Scores `[N, K]` for every sample of `dataset`, in order."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_posts_only)
-    rows = [router.predict_proba(posts).numpy() for posts in tqdm(loader, disable=not progress)]
-    return np.concatenate(rows) if rows else np.zeros((0, len(router.categories)))
-
-
-def _posts_only(items: Sequence[Any]) -> list[Any]:
-    return [item[0] for item in items]
 
 
 def validate(router: Router, data: TrainingData, batch_size: int) -> dict[str, Any]:

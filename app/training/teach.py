@@ -20,9 +20,9 @@ from typing import BinaryIO
 import torch
 from tqdm import tqdm
 
+from app.data.records import LoadedRecord, load_post, load_records
 from app.model.router import Router
 from app.model.store import load_router
-from app.training.data import LoadedRecord, load_post, load_records
 
 
 class TeachError(Exception):

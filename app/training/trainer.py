@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from app.data.records import fingerprint
 from app.model.router import Router
 from app.model.store import save_router
 from app.training.config import TrainConfig
-from app.training.data import fingerprint
 from app.training.loop_parts import (
     IndexedCollate,
     IndexedDataset,

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from app.cli import main
+from app.data.records import fingerprint
 from app.evaluation.calibrate import (
     CalibrationError,
     calibrate_category,
@@ -25,7 +26,6 @@ from app.evaluation.evaluate import ScoredData, score_data
 from app.service.app import create_app
 from app.service.settings import Settings
 from app.thresholds import load_thresholds
-from app.training.data import fingerprint
 from tests.evaluation.test_evaluate import CATEGORIES, write_posts
 
 MODEL_VERSION = "tiny-qwen3vl-1"

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.data.records import PostDataset, load_records
 from app.model.store import load_router
 from app.model.tiny import make_tiny_router
-from app.training.data import PostDataset, load_records
 from app.training.teach import TeachError, teach
 
 BATCH = 2

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from app.evaluation.proxy_data import SPLITS, Manifest, allocate, build_proxy_dataset, main
-from app.evaluation.proxy_sources import (
+from experiments.proxy.data import SPLITS, Manifest, allocate, build_proxy_dataset, main
+from experiments.proxy.sources import (
     CATEGORIES,
     MEMES_DIR,
     SOURCES,

@@ -3,7 +3,7 @@
 One command, from scratch (data build → experts → teacher scores → routers → evaluation →
 calibration → docs/results.md):
 
-    python -m app.evaluation.proxy_benchmark --out runs/proxy
+    python -m experiments.proxy.benchmark --out runs/proxy
 
 Rows, all on the MiniLM + EfficientNet-Lite0 dual encoder (real weights): the per-category
 experts (K = 1 each, on their own pipeline's samples), "BCE w/o mask", masked BCE (λ = 0),
@@ -23,12 +23,12 @@ import numpy as np
 
 from app.evaluation.evaluate import ScoredData, score_data
 from app.evaluation.metrics import evaluate_scores
-from app.evaluation.proxy_data import build_proxy_dataset
-from app.evaluation.proxy_results import ThresholdCheck, calibrate_and_check, write_results
 from app.model.store import copy_router
 from app.training.config import TrainConfig
 from app.training.teach import teach
 from app.training.trainer import train
+from experiments.proxy.data import build_proxy_dataset
+from experiments.proxy.results import ThresholdCheck, calibrate_and_check, write_results
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -1,6 +1,6 @@
 """Build the proxy benchmark: public moderation datasets as disjoint annotation pipelines.
 
-`python -m app.evaluation.proxy_data --shared ../shared/data --out data/proxy` writes
+`python -m experiments.proxy.data --shared ../shared/data --out data/proxy` writes
 `train.jsonl`, `val.jsonl`, `test.jsonl` (DESIGN.md's training-data format) and
 `manifest.json`. Every source of `proxy_sources.SOURCES` labels its own categories (0/1) and
 leaves the others at -1, "not annotated". Splits are stratified per source x stratum, fixed
@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from app.evaluation.proxy_manifest import (
+from experiments.proxy.manifest import (
     SPLITS,
     CategoryCounts,
     Manifest,
@@ -28,7 +28,7 @@ from app.evaluation.proxy_manifest import (
     SplitSummary,
     summary_table,
 )
-from app.evaluation.proxy_sources import CATEGORIES, SOURCES, Source, SourceRow
+from experiments.proxy.sources import CATEGORIES, SOURCES, Source, SourceRow
 
 BUILDER = "proxy-v1"  # bump when the output for the same arguments changes
 # 1,600 rows per source x 7 sources (ETHOS all 997, memes all 950) gives
@@ -267,7 +267,7 @@ def build_proxy_dataset(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m app.evaluation.proxy_data",
+        prog="python -m experiments.proxy.data",
         description="Build the proxy benchmark (disjoint annotation pipelines) as JSONL splits.",
     )
     parser.add_argument(

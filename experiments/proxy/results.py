@@ -10,7 +10,7 @@ from app.evaluation.calibrate import CalibrationResult, calibrate_model
 from app.evaluation.evaluate import ScoredData, ThresholdsCheck, check_thresholds
 
 if TYPE_CHECKING:
-    from app.evaluation.proxy_benchmark import Benchmark
+    from experiments.proxy.benchmark import Benchmark
 
 # The paper's averages over its 3 categories (paper-notes.md): PR-AUC, R@P60, APR@R90, APR@R95.
 PAPER = {
@@ -174,7 +174,7 @@ def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> P
     text = [
         "# Proxy benchmark: the paper's method on public moderation data",
         "",
-        "Made by `python -m app.evaluation.proxy_benchmark --out runs/proxy --ship` "
+        "Made by `python -m experiments.proxy.benchmark --out runs/proxy --ship` "
         f"(seed {bench.seed}, `--max-per-source {bench.max_per_source}`, {bench.epochs} epoch(s), "
         f"batch {bench.batch_size}, lr {bench.lr:g} for LoRA, {bench.head_lr:g} for MLP + heads, "
         f"cosine schedule, 20 % warm-up) on {os.cpu_count()} CPU cores "

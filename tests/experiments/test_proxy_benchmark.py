@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from app.evaluation.proxy_benchmark import Benchmark, run, ship
-from app.evaluation.proxy_results import write_results
 from app.model.store import load_router
 from app.thresholds import load_thresholds
+from experiments.proxy.benchmark import Benchmark, run, ship
+from experiments.proxy.results import write_results
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -10,9 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from app.model.post import Post
-from app.model.store import load_router
-from app.training.data import (
+from app.data.records import (
     DataError,
     PostDataset,
     filter_annotated,
@@ -22,6 +20,8 @@ from app.training.data import (
     make_collate,
     teacher_matrix,
 )
+from app.model.post import Post
+from app.model.store import load_router
 
 CATEGORIES = ("lqc", "rcs", "fe")
 

@@ -1,0 +1,1 @@
+"""Experiments on public data, outside the `app` package (which never imports them)."""
