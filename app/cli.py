@@ -1,6 +1,8 @@
 """The `radar` command: thin over the packages (`radar <command> --help` for each)."""
 
 import argparse
+import importlib
+import inspect
 import logging
 import os
 import shlex
@@ -18,6 +20,31 @@ if TYPE_CHECKING:
     from app.training.config import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int]
+# Parsed names that are the CLI's own, never a parameter of the function a command calls.
+CLI_ONLY = frozenset({"command", "handler", "target", "command_line"})
+
+
+def calls(module: str, name: str) -> str:
+    """The `target` of a subcommand: `module:name`, imported only when the command runs
+    (importing the training or evaluation modules for every command would load torch)."""
+    return f"{module}:{name}"
+
+
+def resolve_target(target: str) -> Callable[..., Any]:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def call_target(args: argparse.Namespace, **fixed: Any) -> Any:
+    """Call the command's target with every parsed flag of the same name as a parameter.
+
+    Flags are named after the parameters they set (`dest`), so one cannot be parsed and then
+    dropped: tests/test_cli_flags.py checks that every flag of every command reaches it.
+    """
+    target = resolve_target(args.target)
+    parameters = inspect.signature(target).parameters
+    given = vars(args)
+    return target(**{name: given[name] for name in parameters if name in given} | fixed)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -95,16 +122,7 @@ def _train_expert(args: argparse.Namespace) -> int:
 
 
 def _teach(args: argparse.Namespace) -> int:
-    from app.training.teach import teach
-
-    stats = teach(
-        args.experts,
-        args.data,
-        args.out,
-        batch_size=args.batch_size,
-        device=args.device,
-        resume=not args.no_resume,
-    )
+    stats = call_target(args)
     print(f"teacher scores written to {args.out}: {stats}")
     return 0
 
@@ -313,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     teach.add_argument(
         "--experts",
+        dest="expert_dirs",
         type=Path,
         nargs="+",
         required=True,
@@ -323,15 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
     teach.add_argument("--device", default="cpu", help="cpu or cuda (cpu)")
     teach.add_argument(
-        "--no-resume", action="store_true", help="start over instead of continuing a partial output"
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="start over instead of continuing a partial output",
     )
     teach.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave bad input lines out of the output (counted) instead of stopping",
     )
-    teach.add_argument("--no-progress", action="store_true", help="no progress bar")
-    teach.set_defaults(handler=_teach)
+    teach.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+    teach.set_defaults(handler=_teach, target=calls("app.training.teach", "teach"))
 
     evaluate = commands.add_parser(
         "evaluate",
