@@ -230,24 +230,69 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from app.evaluation.calibrate import calibrate_model, parse_overrides
-    from app.evaluation.report import render_calibration
-
-    _quiet_loading()
-    result = calibrate_model(
-        args.model,
-        args.data,
-        args.out,
-        recall=args.recall,
-        per_category=parse_overrides(args.recall_per_category),
-        version=args.version,
-        min_positives=args.min_positives,
-        allow_few_positives=args.allow_few_positives,
-        batch_size=args.batch_size,
-        device=args.device,
-        progress=not args.no_progress,
-        command=args.command_line,
+    from app.evaluation.calibrate import (
+        DEFAULT_MIN_POSITIVES,
+        CalibrationError,
+        calibrate_model,
+        parse_overrides,
+        plan_positives,
     )
+    from app.evaluation.guarantees import DEFAULT_DELTA
+    from app.evaluation.report import render_calibration, render_plan
+    from app.thresholds import ThresholdsError
+
+    # Flags of one rule given with another would be silently ignored: refuse them instead.
+    if args.guarantee != "quantile" and (
+        args.min_positives is not None or args.allow_few_positives
+    ):
+        raise CalibrationError(
+            "--min-positives and --allow-few-positives apply to --guarantee quantile only "
+            f"(--guarantee {args.guarantee} sets its own minimum: see --plan)"
+        )
+    if args.guarantee != "confidence" and args.delta is not None:
+        raise CalibrationError("--delta applies to --guarantee confidence only")
+    delta = DEFAULT_DELTA if args.delta is None else args.delta
+    min_positives = DEFAULT_MIN_POSITIVES if args.min_positives is None else args.min_positives
+    per_category = parse_overrides(args.recall_per_category)
+    if args.plan:  # counts only: no model weights loaded, nothing scored or written
+        rows = plan_positives(
+            args.model,
+            args.data,
+            recall=args.recall,
+            per_category=per_category,
+            guarantee=args.guarantee,
+            delta=delta,
+            min_positives=min_positives,
+            only=args.only,
+        )
+        print(render_plan(rows, args.guarantee, delta, args.data))
+        return 0
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if not value]
+    if missing:
+        raise CalibrationError(f"{' and '.join(missing)} required (unless --plan)")
+    _quiet_loading()
+    try:
+        result = calibrate_model(
+            args.model,
+            args.data,
+            args.out,
+            recall=args.recall,
+            per_category=per_category,
+            version=args.version,
+            guarantee=args.guarantee,
+            delta=delta,
+            min_positives=min_positives,
+            allow_few_positives=args.allow_few_positives,
+            batch_size=args.batch_size,
+            device=args.device,
+            progress=not args.no_progress,
+            command=args.command_line,
+            only=args.only,
+            base=args.base,
+        )
+    except ThresholdsError as exc:
+        print(f"radar calibrate: --base refused ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
     print(render_calibration(result))
     for c in result.categories:
         if c.note:
@@ -379,12 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = commands.add_parser(
         "calibrate",
-        help="write a thresholds YAML: per category the highest tau keeping recall >= R",
+        help="write a thresholds YAML whose recall target holds on new posts",
         description="Score DATA (a validation split) with the router and pick, per category, "
-        "the highest tau whose recall on its annotated samples is still >= the target; write "
-        "the thresholds file the service reads (atomically), with provenance.",
+        "the highest tau that keeps its recall target under --guarantee: 'confidence' "
+        "(default; Learn-then-Test / Clopper-Pearson: recall >= R with probability >= "
+        "1 - delta), 'expected' (conformal risk control: expected recall >= R) or 'quantile' "
+        "(recall >= R on DATA only, no guarantee on new posts: with few positives it falls "
+        "short about half the time). A category with too few positives for its guarantee "
+        "gets tau 0 (dispatch everything) and a note saying how many it needs; --plan prints "
+        "those numbers first. Writes the thresholds file the service reads (atomically), "
+        "with provenance.",
     )
     _add_scoring_flags(calibrate)
+    for action in calibrate._actions:  # --plan needs no data (it then counts its labels)
+        if action.dest == "data":
+            action.required = False
+            action.help = f"{action.help}; required unless --plan"
     calibrate.add_argument(
         "--recall", type=float, required=True, help="recall target of every category, e.g. 0.9"
     )
@@ -397,21 +452,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the target of some categories, e.g. fe=0.95",
     )
     calibrate.add_argument(
-        "--out", type=Path, required=True, help="thresholds YAML to write (thresholds/NAME.yaml)"
+        "--out",
+        type=Path,
+        help="thresholds YAML to write (thresholds/NAME.yaml); not needed with --plan",
     )
     calibrate.add_argument(
         "--version", help="the file's version string (default: <model_version>@<UTC time>)"
     )
     calibrate.add_argument(
+        "--guarantee",
+        # app.evaluation.guarantees.GUARANTEES (a test keeps them equal); not imported here:
+        # it loads scipy, and every `radar` command builds this parser.
+        choices=("confidence", "expected", "quantile"),
+        default="confidence",
+        help="confidence: recall >= R with probability >= 1 - delta (needs 29 positives for "
+        "R = 0.90 at delta 0.05); expected: expected recall >= R (9 for R = 0.90); "
+        "quantile: recall >= R on DATA, no guarantee (default: confidence)",
+    )
+    calibrate.add_argument(
+        "--delta",
+        type=float,
+        help="confidence only: allowed probability that a category's recall is below R "
+        "(default: 0.05)",
+    )
+    calibrate.add_argument(
+        "--plan",
+        action="store_true",
+        help="print the positives each category needs for its target under the guarantee "
+        "(and, with --data, how many it has), then exit without scoring",
+    )
+    calibrate.add_argument(
+        "--only",
+        nargs="+",
+        metavar="CATEGORY",
+        help="recalibrate just these categories; the others' entries are copied from --base",
+    )
+    calibrate.add_argument(
+        "--base",
+        type=Path,
+        help="with --only: the thresholds file (valid for the model) to copy the others from",
+    )
+    calibrate.add_argument(
         "--min-positives",
         type=int,
-        default=20,
-        help="refuse a category with fewer positives (also needs >= 1/(1-R)) (20)",
+        help="quantile only: refuse a category with fewer positives (also needs >= 1/(1-R)) "
+        "(default: 20)",
     )
     calibrate.add_argument(
         "--allow-few-positives",
         action="store_true",
-        help="write thresholds even for categories with too few positives (noted in the file)",
+        help="quantile only: write thresholds even for categories with too few positives "
+        "(noted in the file)",
     )
     calibrate.set_defaults(handler=_calibrate)
 

@@ -48,6 +48,12 @@ class CategoryThreshold(BaseModel):
     expected_auto_pass_rate: float | None = Field(default=None, ge=0.0, le=1.0)
     n_positive: int | None = Field(default=None, ge=0)
     n_annotated: int | None = Field(default=None, ge=0)
+    # `radar calibrate --guarantee` (app/evaluation/guarantees.py): the rule, its δ, the bound
+    # it reached at tau and the positives it needs; absent in hand-written files.
+    guarantee: Literal["quantile", "expected", "confidence"] | None = None
+    delta: float | None = Field(default=None, gt=0.0, lt=1.0)
+    miss_rate_bound: float | None = Field(default=None, ge=0.0, le=1.0)
+    positives_needed: int | None = Field(default=None, ge=0)
 
 
 class ThresholdsFile(BaseModel):

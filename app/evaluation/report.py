@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from app.evaluation.calibrate import CalibrationResult
 from app.evaluation.evaluate import ModelEvaluation, oracle_apr_at
+from app.evaluation.guarantees import PlanRow
 from app.evaluation.metrics import RECALL_TARGETS, CategoryMetrics, _annotated, _curve
 
 NA = "n/a"
@@ -181,28 +182,80 @@ def render_markdown(evaluation: ModelEvaluation, plots: Sequence[Path] = ()) -> 
 
 
 def render_calibration(result: CalibrationResult) -> str:
-    """What `radar calibrate` prints: the chosen taus and what they do on the data."""
-    header = ("category", "target", "tau", "recall", "expected APR", "positive", "annotated")
+    """What `radar calibrate` prints: the rule, the chosen taus and what they do on the data.
+
+    "miss bound" is the rule's statistic at tau (≤ 1 − target when tau was calibrated, n/a
+    when tau was forced to 0 by too few positives or under `quantile`).
+    """
+    header = (
+        "category",
+        "target",
+        "tau",
+        "recall",
+        "miss bound",
+        "expected APR",
+        "positive",
+        "needed",
+        "annotated",
+    )
     rows = [
         [
             c.category,
             fmt(c.recall_target, 2),
             fmt(c.tau, 4),
             fmt(c.achieved_recall),
+            fmt(c.miss_rate_bound),
             fmt(c.expected_auto_pass_rate),
             str(c.n_positive),
+            "never" if c.positives_needed is None else str(c.positives_needed),
             str(c.n_annotated),
         ]
         for c in result.categories
     ]
     overall = fmt(result.expected_overall_auto_pass_rate)
-    return "\n".join(
+    lines = [f"guarantee: {promise(result.guarantee, result.delta)}"]
+    lines.append(text_table(header, rows))
+    if result.kept:
+        lines.append(f"kept from {result.base}: {', '.join(result.kept)}")
+    lines += [
+        f"expected overall auto-pass rate on this data: {overall}",
+        f"thresholds {result.version!r} written to {result.path}",
+    ]
+    return "\n".join(lines)
+
+
+def promise(guarantee: str, delta: float | None) -> str:
+    """What a rule promises about new posts, in one line."""
+    if guarantee == "confidence":
+        return (
+            f"confidence: recall >= target on new posts with probability >= {1 - (delta or 0):g}"
+            " (Learn-then-Test / Clopper-Pearson)"
+        )
+    if guarantee == "expected":
+        return "expected: expected recall on new posts >= target (conformal risk control)"
+    return "quantile: recall >= target on this data only; no guarantee on new posts"
+
+
+def render_plan(
+    rows: Sequence[PlanRow], guarantee: str, delta: float, data: Path | str | None
+) -> str:
+    """What `radar calibrate --plan` prints: positives needed per category, and had."""
+    header = ("category", "target", "positives needed", "positives", "annotated", "enough")
+    # Short of positives, a guarantee dispatches everything; `quantile` refuses.
+    short = "no: refused" if guarantee == "quantile" else "no: tau 0, dispatch all"
+    table = [
         [
-            text_table(header, rows),
-            f"expected overall auto-pass rate on this data: {overall}",
-            f"thresholds {result.version!r} written to {result.path}",
+            r.category,
+            fmt(r.recall_target, 2),
+            "never" if r.positives_needed is None else str(r.positives_needed),
+            NA if r.n_positive is None else str(r.n_positive),
+            NA if r.n_annotated is None else str(r.n_annotated),
+            NA if r.enough is None else ("yes" if r.enough else short),
         ]
-    )
+        for r in rows
+    ]
+    source = f"counted in {data} (labels only, nothing scored)" if data else "no --data given"
+    return "\n".join([f"guarantee: {promise(guarantee, delta)}", text_table(header, table), source])
 
 
 def write_report(evaluation: ModelEvaluation, out_dir: Path | str) -> list[Path]:
