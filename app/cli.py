@@ -188,6 +188,7 @@ def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> Non
     ):
         flag(name, type=kind)
     flag("resume", type=Path)
+    flag("feature_cache", type=Path, metavar="DIR")
     for name in ("gradient_checkpointing", "skip_bad", "record_seen"):
         flag(name, action="store_true", default=None)
     parser.add_argument(

@@ -1,6 +1,7 @@
 """The router: backbone → pooled vector → MLP → shared representation → K binary heads."""
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -68,6 +69,16 @@ class Router(nn.Module):
     def build_inputs(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
         """CPU tensors for `posts` (the backbone's input builder, shared with training)."""
         return self.base_backbone.build_inputs(posts)
+
+    def use_feature_cache(self, directory: Path | str | None) -> bool:
+        """Cache the backbone's frozen features (the dual encoder's image features) on disk.
+
+        For offline runs over a data set that see each image many times (training epochs,
+        experts, `teach`, `evaluate`, `calibrate`): call it once after loading, before
+        `build_inputs`; None turns it off. A no-op returning False for backbones with nothing
+        to cache. Never for serving: uploads are hostile and the cache is unbounded.
+        """
+        return self.base_backbone.use_feature_cache(directory)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits `[batch, K]` in category order; the heads run in float32."""

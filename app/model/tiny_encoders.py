@@ -40,13 +40,14 @@ _WORDS = (
 def tiny_vocabulary() -> list[str]:
     """A WordPiece vocabulary in which every ASCII word tokenises without [UNK]."""
     pieces = string.ascii_lowercase + string.digits
-    return [
+    tokens = [
         *_SPECIAL_TOKENS,
         *pieces,
         *string.punctuation,
         *(f"##{c}" for c in pieces),
         *_WORDS,
     ]
+    return list(dict.fromkeys(tokens))  # "a" is a piece and a word: one id each
 
 
 def make_tiny_text_encoder_dir(out_dir: Path | str, *, seed: int = 0) -> Path:
@@ -57,9 +58,10 @@ def make_tiny_text_encoder_dir(out_dir: Path | str, *, seed: int = 0) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab_file = out_dir / "vocab.txt"
-    vocab_file.write_text("\n".join(tiny_vocabulary()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), model_max_length=TINY_MAX_TOKENS)
+    # The vocabulary is passed as a mapping: with transformers 5, `vocab_file=` alone builds a
+    # 5-token tokenizer that reads every word as [UNK] (tests could not tell texts apart).
+    vocab = {piece: index for index, piece in enumerate(tiny_vocabulary())}
+    tokenizer = BertTokenizerFast(vocab=vocab, model_max_length=TINY_MAX_TOKENS)
     tokenizer.save_pretrained(str(out_dir))
     config = BertConfig(
         vocab_size=len(tiny_vocabulary()),

@@ -38,6 +38,11 @@ class TrainConfig(BaseModel):
     eval_every: int | None = Field(default=None, ge=1, description="default: once at the end")
     checkpoint_every: int | None = Field(default=None, ge=1, description="optimizer steps")
     resume: Path | None = Field(default=None, description="a checkpoint directory to continue")
+    feature_cache: Path | None = Field(
+        default=None,
+        description="directory caching frozen image-encoder features across epochs and runs "
+        "(dual encoder; shared by experts, teach, evaluate)",
+    )
     skip_bad: bool = Field(default=False, description="skip and count bad data lines")
     record_seen: bool = Field(default=False, description="write the post ids each rank saw")
     progress: bool = True

@@ -76,7 +76,10 @@ def start_router(cfg: TrainConfig) -> Router:
     updates["model_version"] = cfg.model_version or cfg.out.resolve().name
     config = RouterConfig.model_validate(config.model_copy(update=updates).model_dump())
     cfg.out.mkdir(parents=True, exist_ok=True)  # relative paths walk through it
-    return new_router(config, cfg.out)
+    router = new_router(config, cfg.out)
+    if cfg.feature_cache is not None:  # after LoRA wrapping: only a frozen encoder is cached
+        router.use_feature_cache(cfg.feature_cache)
+    return router
 
 
 def build_optimizer(router: Router, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -70,6 +70,7 @@ class Benchmark:
             head_lr=self.head_lr,
             seed=self.seed,
             log_every=20,
+            feature_cache=self.out / "feature-cache",
             **extra,
         )
 

@@ -27,6 +27,7 @@ from app.model.tiny_encoders import (
     make_tiny_image_encoder_weights,
     make_tiny_text_encoder_dir,
     text_encoder_router_config,
+    tiny_vocabulary,
 )
 
 TOLERANCE = 1e-5
@@ -314,3 +315,14 @@ def test_real_dual_router_scores_a_post_with_an_image(tmp_path: Path):
     assert features.shape == (1, 1280) and features.min() >= 0  # ReLU6 activations
     save_router(router, tmp_path)
     assert torch.equal(load_router(tmp_path).predict_proba(posts), scores)
+
+
+def test_tiny_text_encoder_tells_words_apart(tmp_path: Path) -> None:
+    # A tokenizer that maps every word to [UNK] would make every text test vacuous.
+    from transformers import AutoTokenizer
+
+    make_tiny_text_encoder_dir(tmp_path / "enc")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "enc")
+    assert len(tokenizer) == len(tiny_vocabulary())
+    assert tokenizer.unk_token not in tokenizer.tokenize("free cruise, call now")
+    assert tokenizer("free cruise")["input_ids"] != tokenizer("my cat sleeps")["input_ids"]

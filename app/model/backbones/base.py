@@ -55,6 +55,14 @@ class Backbone(nn.Module, ABC):
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pooled vectors, shape `[batch, hidden_size]`, for inputs from `build_inputs`."""
 
+    def use_feature_cache(self, directory: Path | str | None) -> bool:
+        """Cache the features of frozen parts on disk in `directory`; True if this family can.
+
+        Opt-in for offline work (training, teach, evaluate, calibrate), never for serving.
+        Families with no frozen part worth caching ignore it: this default returns False.
+        """
+        return False
+
     def prepare_for_device(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to this backbone's device; floating tensors take its dtype."""
         param = next(self.parameters())

@@ -17,9 +17,18 @@ any edge of a 9:16 frame that a centre crop would cut off. Pixels are scaled as 
 TF EfficientNet-Lite expects, `(x - 127) / 128` (its builder's MEAN_RGB=127, STDDEV_RGB=128;
 the converted weights are more confident with it than with ImageNet mean/std), so the grey
 pad (127) is exactly 0, like the network's own zero padding.
+
+Feature cache (opt-in, `use_feature_cache(directory)`; training, teach, evaluate and calibrate,
+never serving). The image encoder is frozen and always in eval mode, so its features are a
+function of the pixels alone and can be read back instead of recomputed: `build_inputs` looks
+each image up (`app.model.feature_cache`) and a hit skips both the preprocessing and the
+encoder; `forward` encodes only the misses and stores them. A cached batch carries
+`image_features` (hits) and `pixel_values` (misses) with `image_slot` saying which row of
+`[hits; misses]` each image uses, so identical images in a batch are encoded once.
 """
 
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar, Self
@@ -35,6 +44,12 @@ from app.model.backbones.base import Backbone
 from app.model.backbones.text_encoder import BERT_LORA_TARGETS, TextEncoder
 from app.model.config import BackboneConfig, resolve_path
 from app.model.errors import InputError, ModelStoreError
+from app.model.feature_cache import (
+    FeatureCache,
+    encoder_identity,
+    image_digest,
+    module_digest,
+)
 from app.model.files import is_dir, is_file
 from app.model.post import Post
 
@@ -43,6 +58,9 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 PIXEL_MEAN = 127.0
 PIXEL_STD = 128.0
 PAD_GREY = (127, 127, 127)
+# Part of the feature-cache key: change it whenever `preprocess_image` changes its output in a
+# way its parameters (size, PIXEL_MEAN, PIXEL_STD, PAD_GREY, also in the key) do not show.
+PREPROCESS_VERSION = "letterbox-bicubic-v1"
 _READ_ERRORS = (
     OSError,
     RuntimeError,
@@ -159,6 +177,9 @@ class DualEncoderBackbone(Backbone):
         self.image_encoder = image_encoder
         self.extras["no_image"] = nn.Parameter(torch.zeros(image_encoder.hidden_size))
         self.image_encoder.eval()
+        self.feature_cache: FeatureCache | None = None
+        self._weights_digest = ""
+        self._identities: dict[tuple[str, str], str] = {}
 
     @classmethod
     def load(cls, config: BackboneConfig, store_dir: Path) -> Self:
@@ -186,9 +207,65 @@ class DualEncoderBackbone(Backbone):
         self.image_encoder.eval()
         return self
 
+    def use_feature_cache(self, directory: Path | str | None) -> bool:
+        """Read and write image features in `directory` from now on (None: stop); True if on.
+
+        Only for a frozen image encoder (LoRA, and full fine-tunes, leave it frozen): with
+        trainable image weights the features change at every step, so a cache would change
+        training. Such an encoder gets no cache and a warning, and this returns False. The
+        weights digest is taken here, once: frozen weights cannot change afterwards.
+        """
+        self.feature_cache = None
+        self._identities.clear()
+        if directory is None:
+            return False
+        if any(p.requires_grad for p in self.image_encoder.parameters()):
+            warnings.warn(
+                "the image encoder is trainable: its features change with training, "
+                "so they are not cached",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        self._weights_digest = module_digest(self.image_encoder)
+        self.feature_cache = FeatureCache(directory)
+        return True
+
+    def _cache_identity(self, cache: FeatureCache) -> str:
+        """The encoder identity for the precision the image encoder runs in now.
+
+        The device and dtype are in it because bf16 on CUDA gives other features than float32
+        on the CPU: a cache shared by a GPU and a CPU run keeps one set per precision.
+        """
+        param = next(self.image_encoder.parameters())
+        precision = (param.device.type, str(param.dtype).removeprefix("torch."))
+        identity = self._identities.get(precision)
+        if identity is None:
+            parts: dict[str, object] = {
+                "architecture": IMAGE_ARCHITECTURE,
+                "weights_sha256": self._weights_digest,
+                "image_size": self.config.image_size,
+                "preprocess": PREPROCESS_VERSION,
+                "pixel_mean": PIXEL_MEAN,
+                "pixel_std": PIXEL_STD,
+                "pad_grey": list(PAD_GREY),
+                "device": precision[0],
+                "dtype": precision[1],
+                "width": self.image_encoder.hidden_size,
+            }
+            identity = encoder_identity(parts)
+            cache.describe(identity, parts)
+            self._identities[precision] = identity
+        return identity
+
     def build_inputs(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
-        """Token ids and mask; when any post has images, `pixel_values` `[n_images, 3, S, S]`
-        and `image_post_index` `[n_images]` (which post each image belongs to)."""
+        """Token ids and mask; when any post has images, `image_post_index` `[n_images]`
+        (which post each image belongs to) and `pixel_values` `[n_images, 3, S, S]`.
+
+        With a feature cache, the layout described in the module doc: `image_features`
+        `[n_hits, H]` for the images found, `pixel_values` and `pixel_cache_key` (their
+        digests, `[n_misses, 32]` uint8) for the rest, `image_slot` `[n_images]`.
+        """
         for index, post in enumerate(posts):
             if len(post.images) > self.config.max_images:
                 raise InputError(
@@ -196,6 +273,8 @@ class DualEncoderBackbone(Backbone):
                     f"this router takes at most {self.config.max_images}"
                 )
         inputs = self.text_encoder.tokenize([post.text() for post in posts])
+        if self.feature_cache is not None:
+            return self._add_cached_images(inputs, posts, self.feature_cache)
         pixels, owners = [], []
         for index, post in enumerate(posts):
             for number, image in enumerate(post.images):
@@ -206,6 +285,50 @@ class DualEncoderBackbone(Backbone):
             inputs["image_post_index"] = torch.tensor(owners, dtype=torch.long)
         return inputs
 
+    def _add_cached_images(
+        self, inputs: dict[str, torch.Tensor], posts: Sequence[Post], cache: FeatureCache
+    ) -> dict[str, torch.Tensor]:
+        identity = self._cache_identity(cache)
+        width = self.image_encoder.hidden_size
+        hits: list[np.ndarray] = []
+        pixels: list[torch.Tensor] = []
+        keys: list[bytes] = []
+        # Per distinct digest: ("hit", row in hits) or ("miss", row in pixels).
+        rows: dict[bytes, tuple[str, int]] = {}
+        owners, uses = [], []
+        for index, post in enumerate(posts):
+            for number, image in enumerate(post.images):
+                key = self._digest(image, index, number)
+                if key not in rows:
+                    features = cache.get(identity, key, width)
+                    if features is not None:
+                        rows[key] = ("hit", len(hits))
+                        hits.append(features)
+                    else:
+                        rows[key] = ("miss", len(pixels))
+                        pixels.append(self._preprocess(image, index, number))
+                        keys.append(key)
+                owners.append(index)
+                uses.append(rows[key])
+        if not owners:
+            return inputs
+        inputs["image_post_index"] = torch.tensor(owners, dtype=torch.long)
+        slots = [row if kind == "hit" else len(hits) + row for kind, row in uses]
+        inputs["image_slot"] = torch.tensor(slots, dtype=torch.long)
+        if hits:
+            inputs["image_features"] = torch.from_numpy(np.stack(hits))
+        if pixels:
+            inputs["pixel_values"] = torch.stack(pixels)
+            key_bytes = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1)
+            inputs["pixel_cache_key"] = torch.from_numpy(key_bytes.copy())
+        return inputs
+
+    def _digest(self, image: Image.Image, post: int, number: int) -> bytes:
+        try:
+            return image_digest(image)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"post {post}, image {number}: cannot decode: {exc}") from None
+
     def _preprocess(self, image: Image.Image, post: int, number: int) -> torch.Tensor:
         try:
             return preprocess_image(image, self.config.image_size)
@@ -214,21 +337,57 @@ class DualEncoderBackbone(Backbone):
             raise InputError(f"post {post}, image {number}: cannot decode: {exc}") from None
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`[batch, text + image width]`: pooled text, then the mean of the post's images."""
+        """`[batch, text + image width]`: pooled text, then the mean of the post's images.
+
+        Takes both layouts of `build_inputs` (with and without a feature cache).
+        """
         text = self.text_encoder(inputs["input_ids"], inputs["attention_mask"])
         images = self._pool_images(inputs, batch=text.shape[0])
         return torch.cat([text, images.to(text.dtype)], dim=1)
 
     def _pool_images(self, inputs: Mapping[str, torch.Tensor], batch: int) -> torch.Tensor:
         no_image = self.extras["no_image"]
-        if "pixel_values" not in inputs:
+        if "image_post_index" not in inputs:
             return no_image.unsqueeze(0).expand(batch, -1)
-        frozen = not any(p.requires_grad for p in self.image_encoder.parameters())
-        # A frozen image encoder (the LoRA case) needs no autograd graph: less memory and time.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = self.image_encoder(inputs["pixel_values"])
+        features = self._image_features(inputs)
         owners = inputs["image_post_index"]
         sums = features.new_zeros(batch, features.shape[1]).index_add(0, owners, features)
         counts = torch.bincount(owners, minlength=batch).unsqueeze(1)
         means = sums / counts.clamp(min=1).to(features.dtype)
         return torch.where(counts > 0, means, no_image.to(features.dtype))
+
+    def _image_features(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One row per image: encoded from `pixel_values`, or taken from the cache.
+
+        In the cached layout all rows are float32, so a hit and a fresh encode of an image
+        give the same row whichever precision the encoder ran in (cached rows hold its
+        output exactly: bf16 values are float32 values).
+        """
+        frozen = not any(p.requires_grad for p in self.image_encoder.parameters())
+        encoded = None
+        if "pixel_values" in inputs:
+            # A frozen image encoder (the LoRA case) needs no autograd graph: less memory, time.
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                encoded = self.image_encoder(inputs["pixel_values"])
+        if "image_slot" not in inputs:
+            if encoded is None:
+                raise InputError("image_post_index without pixel_values or image_slot")
+            return encoded
+        if not frozen:
+            raise RuntimeError("cached image features given to a trainable image encoder")
+        if encoded is not None and "pixel_cache_key" in inputs:
+            self._store(inputs["pixel_cache_key"], encoded)
+        rows = [inputs["image_features"].float()] if "image_features" in inputs else []
+        if encoded is not None:
+            rows.append(encoded.float())
+        return torch.cat(rows)[inputs["image_slot"]]
+
+    def _store(self, keys: torch.Tensor, encoded: torch.Tensor) -> None:
+        """Write freshly encoded misses under the identity of the precision they ran in."""
+        cache = self.feature_cache
+        if cache is None:  # inputs built by a cached builder, run by an uncached backbone
+            return
+        identity = self._cache_identity(cache)
+        vectors = encoded.detach().float().cpu().numpy()
+        for key, vector in zip(keys.cpu().numpy(), vectors, strict=True):
+            cache.put(identity, key.tobytes(), vector)
