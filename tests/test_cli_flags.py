@@ -9,6 +9,7 @@ and then dropped (as `radar teach --skip-bad` once was) fails here.
 import argparse
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,43 @@ class Recorded(Exception):
         self.kwargs = kwargs
 
 
-def subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
+def subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, Any]:
+    """Every leaf command (`thresholds diff` included) → its parser."""
     found: dict[str, argparse.ArgumentParser] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                if sub.get_default("target"):
-                    found[name] = sub
+                nested = subcommands(sub, f"{prefix}{name} ")
+                found |= nested or {f"{prefix}{name}": sub}
     return found
 
 
-COMMANDS = subcommands()
+ALL = subcommands(build_parser())
+COMMANDS = {name: sub for name, sub in ALL.items() if sub.get_default("target")}
+
+
+def names_read(handler: Any) -> set[str]:
+    """What a handler reads of the parsed flags: `args.NAME` in its source, every field of
+    TrainConfig when it builds one from the flags, every parameter of its target when it
+    calls `call_target`."""
+    source = inspect.getsource(handler)
+    read = set(re.findall(r"\bargs\.(\w+)", source))
+    if "_train_config(" in source:
+        from app.training.config import TrainConfig
+
+        read |= set(TrainConfig.model_fields)
+    return read
+
+
+@pytest.mark.parametrize("command", sorted(ALL))
+def test_every_flag_is_read_by_its_handler(command: str) -> None:
+    sub = ALL[command]
+    handler = sub.get_default("handler")
+    read = names_read(handler)
+    if sub.get_default("target"):
+        read |= set(inspect.signature(resolve_target(sub.get_default("target"))).parameters)
+    dests = {a.dest for a in sub._actions if not isinstance(a, argparse._HelpAction)}
+    assert dests - CLI_ONLY - read == set(), f"radar {command}: parsed, never used"
 
 
 def value(action: argparse.Action, variant: int) -> list[str]:
