@@ -129,7 +129,9 @@ def _teach(args: argparse.Namespace) -> int:
 
 def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> None:
     """One flag per knob of TrainConfig; defaults are the paper's (see app/training/config)."""
-    from app.training.config import TrainConfig
+    from typing import get_args
+
+    from app.training.config import SelectMetric, TrainConfig
 
     f = TrainConfig.model_fields
 
@@ -184,12 +186,15 @@ def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> Non
         ("seed", int),
         ("log_every", int),
         ("eval_every", int),
+        ("early_stop_patience", int),
         ("checkpoint_every", int),
     ):
         flag(name, type=kind)
+    flag("select_metric", choices=get_args(SelectMetric))
+    flag("length_buckets", action=argparse.BooleanOptionalAction, default=None)
     flag("resume", type=Path)
     flag("feature_cache", type=Path, metavar="DIR")
-    for name in ("gradient_checkpointing", "skip_bad", "record_seen"):
+    for name in ("gradient_checkpointing", "full_finetune", "skip_bad", "record_seen"):
         flag(name, action="store_true", default=None)
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", default=None, help="no progress bar"

@@ -71,8 +71,8 @@ class HeadConfig(_Strict):
 class LoraSettings(_Strict):
     """LoRA on the backbone through peft (paper: rank 128, alpha 256).
 
-    A router whose `lora` is null keeps its backbone frozen: the store saves no backbone
-    weights, only the MLP, heads and extras.
+    A router whose `lora` is null keeps its backbone frozen (the store saves no backbone
+    weights, only the MLP, heads and extras), unless `full_finetune` says it trained it all.
     """
 
     r: int = Field(default=128, ge=1)
@@ -92,6 +92,16 @@ class RouterConfig(_Strict):
     backbone: BackboneConfig
     head: HeadConfig = HeadConfig()
     lora: LoraSettings | None = LoraSettings()
+    # A full fine-tune (`radar train --full-finetune`): no LoRA, and the backbone weights it
+    # trained are in the store's `backbone.safetensors`, loaded over the pretrained ones. The
+    # store writes the key only when true, so stores without it read as before.
+    full_finetune: bool = False
+
+    @model_validator(mode="after")
+    def _one_way_to_train(self) -> "RouterConfig":
+        if self.full_finetune and self.lora is not None:
+            raise ValueError("full_finetune replaces LoRA: lora must be null")
+        return self
 
     @field_validator("categories")
     @classmethod

@@ -5,6 +5,9 @@ Layout (DESIGN.md):
                            pooling, text/image limits, LoRA settings, model_version
     adapter/               the LoRA adapter in peft's own format (absent when `lora` is null)
     head.safetensors       MLP, heads and the backbone's extras (e.g. the "no image" embedding)
+    backbone.safetensors   only when router.json says `"full_finetune": true`: every backbone
+                           weight the fine-tune trained (`finetuned_parameters`), loaded over
+                           the pretrained weights at `backbone.path`
     backbone/              optional: a backbone shipped with the router (the tiny test model)
 """
 
@@ -18,7 +21,7 @@ from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from app.model.backbones import load_backbone
+from app.model.backbones import Backbone, load_backbone
 from app.model.config import (
     CONFIG_FILE,
     PACKAGE_PREFIX,
@@ -37,11 +40,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+BACKBONE_FILE = "backbone.safetensors"
+# Backbone submodules a full fine-tune leaves frozen: the image towers, which LoRA never
+# targets either. Their features stay a function of the pixels alone (what the image-feature
+# cache relies on), the dual encoder's BatchNorm statistics (always in eval mode) stay the
+# pretrained ones, and the store need not carry an unchanged copy of them.
+FULL_FINETUNE_FROZEN: dict[str, tuple[str, ...]] = {
+    "dual_encoder": ("image_encoder",),
+    "qwen3_vl": ("model.visual",),
+}
 
 
 def write_config(config: RouterConfig, store_dir: Path) -> None:
+    data = config.model_dump(mode="json")
+    if not config.full_finetune:
+        # Written only when true, so that a LoRA store stays readable by older code.
+        del data["full_finetune"]
     path = Path(store_dir) / CONFIG_FILE
-    path.write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def relocate_config(config: RouterConfig, from_dir: Path, to_dir: Path) -> RouterConfig:
@@ -66,7 +82,7 @@ def copy_router(source: Path | str, target: Path | str, extra_files: tuple[str, 
     config = read_config(source)
     target.mkdir(parents=True, exist_ok=True)
     write_config(relocate_config(config, source, target), target)
-    for name in (HEAD_FILE, *extra_files):
+    for name in (HEAD_FILE, BACKBONE_FILE, *extra_files):
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
     if (source / ADAPTER_DIR).is_dir():
@@ -82,6 +98,22 @@ def head_state(router: Router) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def finetuned_parameters(backbone: Backbone) -> dict[str, torch.nn.Parameter]:
+    """The backbone parameters a full fine-tune trains and `backbone.safetensors` holds.
+
+    All of them but the extras (saved with the heads) and the family's frozen image tower
+    (`FULL_FINETUNE_FROZEN`). One rule for the trainer, which makes exactly these trainable,
+    and for the store, which saves and expects exactly these names.
+    """
+    frozen = FULL_FINETUNE_FROZEN.get(backbone.config.family, ())
+    return {
+        name: param
+        for name, param in backbone.named_parameters()
+        if not name.startswith("extras.")
+        and not any(name == f or name.startswith(f + ".") for f in frozen)
+    }
+
+
 def save_router(router: Router, store_dir: Path | str) -> Path:
     """Write `router` in the model-store layout; returns the directory."""
     store_dir = Path(store_dir)
@@ -89,6 +121,10 @@ def save_router(router: Router, store_dir: Path | str) -> Path:
     write_config(router.config, store_dir)
     if isinstance(router.backbone, PeftModel):
         router.backbone.save_pretrained(str(store_dir / ADAPTER_DIR))
+    if router.config.full_finetune:
+        weights = finetuned_parameters(router.base_backbone).items()
+        state = {k: v.detach().contiguous().cpu() for k, v in weights}
+        save_file(state, str(store_dir / BACKBONE_FILE))
     save_file(head_state(router), str(store_dir / HEAD_FILE))
     return store_dir
 
@@ -111,6 +147,8 @@ def load_router(
     backbone = load_backbone(config.backbone, store_dir)
     if config.lora is not None:
         backbone = _load_adapter(backbone, store_dir / ADAPTER_DIR, trainable=trainable)
+    if config.full_finetune:
+        _load_finetuned_backbone(backbone, store_dir / BACKBONE_FILE)
     router = Router(config, backbone)
     _load_head(router, store_dir / HEAD_FILE)
     router.place(device)
@@ -130,6 +168,33 @@ def _load_adapter(backbone: torch.nn.Module, adapter_dir: Path, *, trainable: bo
         for param in wrapped.get_base_model().extras.values():
             param.requires_grad_(True)
     return wrapped
+
+
+def _load_finetuned_backbone(backbone: Backbone, path: Path) -> None:
+    """Load a full fine-tune's backbone weights over the pretrained ones, names checked."""
+    if not is_file(path):
+        raise ModelStoreError(path, "missing (router.json says full_finetune)")
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelStoreError(path, f"not a readable safetensors file: {exc}") from None
+    expected = finetuned_parameters(backbone)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ModelStoreError(
+            path,
+            f"tensors do not match the backbone: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}",
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            param = expected[name]
+            if tensor.shape != param.shape:
+                raise ModelStoreError(
+                    path, f"{name} has shape {tuple(tensor.shape)}, not {tuple(param.shape)}"
+                )
+            param.copy_(tensor)
 
 
 def _load_head(router: Router, path: Path) -> None:

@@ -1,8 +1,13 @@
 """Every knob of a training run, validated; saved beside each checkpoint and the final router."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The averages of `EvaluationReport.to_dict()` a run can select its checkpoint by; all are
+# "higher is better" (PR-AUC, recall at precision 0.6, auto-pass rate at recall 0.90 / 0.95).
+SelectMetric = Literal["pr_auc", "r_at_p60", "apr_r90", "apr_r95"]
 
 
 class TrainConfig(BaseModel):
@@ -33,9 +38,31 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1, description="optimizer steps; caps epochs")
     seed: int = 0
     gradient_checkpointing: bool = False
+    full_finetune: bool = Field(
+        default=False,
+        description="train every backbone weight at --lr instead of LoRA (a frozen image "
+        "tower stays frozen); the store then holds the backbone's weights",
+    )
+    length_buckets: bool = Field(
+        default=True,
+        description="batch posts of similar text length together (less padding), "
+        "batches in random order",
+    )
 
     log_every: int = Field(default=10, ge=1, description="optimizer steps between log lines")
-    eval_every: int | None = Field(default=None, ge=1, description="default: once at the end")
+    eval_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="optimizer steps between validations (besides each epoch's end)",
+    )
+    select_metric: SelectMetric = Field(
+        default="pr_auc",
+        description="validation average that picks the saved weights (the best validation "
+        "wins, not the last step)",
+    )
+    early_stop_patience: int | None = Field(
+        default=None, ge=1, description="stop after this many epochs without a better validation"
+    )
     checkpoint_every: int | None = Field(default=None, ge=1, description="optimizer steps")
     resume: Path | None = Field(default=None, description="a checkpoint directory to continue")
     feature_cache: Path | None = Field(
@@ -51,4 +78,6 @@ class TrainConfig(BaseModel):
     def _consistent(self) -> "TrainConfig":
         if self.categories is not None and len(set(self.categories)) != len(self.categories):
             raise ValueError("categories repeat")
+        if self.early_stop_patience is not None and self.val is None:
+            raise ValueError("early_stop_patience needs a validation set (val)")
         return self

@@ -3,6 +3,12 @@
 The same code runs as one process (`radar train`) or under `accelerate launch` (DDP, one
 shard of the data per rank). What it saves is a model-store directory the service loads
 unchanged, with the resolved config and the data fingerprint beside it.
+
+With a validation set the run validates at the end of every epoch (and every `eval_every`
+steps, and at its last step) and saves the weights of the best validation by
+`select_metric`, not the last step's: later epochs can overfit, and the selected step and
+its figures are recorded in `training_config.json`. `early_stop_patience` ends the run
+after that many epochs without a better validation.
 """
 
 import json
@@ -15,7 +21,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -28,10 +35,15 @@ from app.training.loop_parts import (
     IndexedCollate,
     IndexedDataset,
     JsonlLog,
+    LengthBucketSampler,
     build_optimizer,
     enable_gradient_checkpointing,
     load_training_data,
+    restore_weights,
+    selection_value,
     start_router,
+    text_lengths,
+    trainable_weights,
     validate,
 )
 from app.training.losses import router_loss
@@ -41,24 +53,41 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "training_config.json"
 LOG_FILE = "train_log.jsonl"
+# In a checkpoint: the best validation's trainable weights, when they are not the checkpoint's.
+BEST_FILE = "best_weights.safetensors"
 
 
 @dataclass
 class TrainState:
-    """Where a run is; saved in each checkpoint so `--resume` continues exactly."""
+    """Where a run is; saved in each checkpoint so `--resume` continues exactly.
+
+    The validation fields are the main process's (the only one that validates); the others
+    read them from the checkpoint like the rest.
+    """
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
+    epoch: int = 0  # epochs completed
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (this rank)
     samples: int = 0  # samples seen, all ranks
+    validated_step: int | None = None  # the step last validated (each step at most once)
+    last_val: dict[str, Any] | None = None
+    best_step: int | None = None  # the best validation by `select_metric` so far
+    best_epoch: int | None = None  # 1-based: the epoch that step ends or falls in
+    best_value: float | None = None
+    best_val: dict[str, Any] | None = None
+    improved_in_epoch: bool = False
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
 
 
 @dataclass(frozen=True)
 class TrainResult:
     out: Path
-    steps: int
-    samples_per_s: float
-    final_val: dict[str, Any] | None
+    steps: int  # optimizer steps trained
+    samples_per_s: float  # training only: validation time left out
+    final_val: dict[str, Any] | None  # validation of the saved weights
+    selected_step: int  # the step whose weights were saved
+    stopped_early: bool = False
 
 
 class Trainer:
@@ -91,15 +120,24 @@ class Trainer:
         self.val_data = (
             load_training_data(cfg.val, self.router, cfg, expert=expert) if cfg.val else None
         )
-        loader = DataLoader(
-            IndexedDataset(self.train_data.dataset),
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            collate_fn=IndexedCollate(self.router),
+        self.sampler = (
+            LengthBucketSampler(
+                text_lengths(self.router, self.train_data.dataset), cfg.batch_size, seed=cfg.seed
+            )
+            if cfg.length_buckets
+            else None
+        )
+        loader_kwargs: dict[str, Any] = {
+            "collate_fn": IndexedCollate(self.router),
             # Its own generator: creating an iterator then draws no number from the global RNG,
             # so a resumed run's dropout masks match the uninterrupted run's.
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+            "generator": torch.Generator().manual_seed(cfg.seed),
+        }
+        if self.sampler is not None:
+            loader_kwargs["batch_sampler"] = self.sampler
+        else:
+            loader_kwargs |= {"batch_size": cfg.batch_size, "shuffle": True}
+        loader = DataLoader(IndexedDataset(self.train_data.dataset), **loader_kwargs)
         optimizer = build_optimizer(self.router, cfg)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(
             self.router, optimizer, loader
@@ -113,6 +151,8 @@ class Trainer:
         self.state = TrainState()
         self.log = JsonlLog(cfg.out / LOG_FILE if self.is_main else None)
         self.seen: list[str] = []
+        self.best_weights: dict[str, torch.Tensor] | None = None  # main process only
+        self.val_seconds = 0.0  # left out of samples/s
 
     @property
     def is_main(self) -> bool:
@@ -146,16 +186,38 @@ class Trainer:
             disable=not (cfg.progress and self.is_main),
             unit="step",
         )
-        while self.state.step < self.total_steps and self.state.epoch < cfg.epochs:
+        while (
+            self.state.step < self.total_steps
+            and self.state.epoch < cfg.epochs
+            and not self.state.stopped_early
+        ):
             self._run_epoch(bar, started, samples_at_start)
         bar.close()
-        rate = (self.state.samples - samples_at_start) / max(time.perf_counter() - started, 1e-9)
-        final_val = self._validate() if self.val_data else None
-        self._save_final(rate, final_val)
-        return TrainResult(cfg.out, self.state.step, rate, final_val)
+        rate = self._rate(started, samples_at_start)
+        self._validate()  # the last step, unless an epoch's end just did
+        self._select_best()
+        self._save_final(rate)
+        state = self.state
+        selected = state.best_step if state.best_step is not None else state.step
+        return TrainResult(
+            cfg.out, state.step, rate, self._saved_val(), selected, state.stopped_early
+        )
+
+    def _saved_val(self) -> dict[str, Any] | None:
+        """The validation of the weights saved: the best one, else (no defined metric) the last."""
+        return self.state.best_val if self.state.best_step is not None else self.state.last_val
+
+    def _rate(self, started: float, samples_at_start: int) -> float:
+        """Training samples per second since `started`, validation time left out."""
+        elapsed = time.perf_counter() - started - self.val_seconds
+        return (self.state.samples - samples_at_start) / max(elapsed, 1e-9)
 
     def _run_epoch(self, bar: tqdm, started: float, samples_at_start: int) -> None:
         self.loader.set_epoch(self.state.epoch)
+        if self.sampler is not None:
+            # Set here, not through accelerate: its set_epoch does not reach a custom batch
+            # sampler under BatchSamplerShard (several processes).
+            self.sampler.set_epoch(self.state.epoch)
         loader = self.loader
         if self.state.batches_in_epoch:
             loader = self.accelerator.skip_first_batches(loader, self.state.batches_in_epoch)
@@ -171,6 +233,32 @@ class Trainer:
         else:
             self.state.epoch += 1
             self.state.batches_in_epoch = 0
+            self._end_epoch()
+
+    def _end_epoch(self) -> None:
+        """Validate the epoch's last step; count epochs without improvement, maybe stop.
+
+        A resumed run from a checkpoint of an epoch's last step comes here too (its epoch
+        has no batch left), so it validates where the uninterrupted run did.
+        """
+        if self.val_data is None:
+            return
+        self._validate()
+        state, patience = self.state, self.cfg.early_stop_patience
+        stop = False
+        if self.is_main:
+            improved, state.improved_in_epoch = state.improved_in_epoch, False
+            state.epochs_without_improvement = (
+                0 if improved else state.epochs_without_improvement + 1
+            )
+            stop = patience is not None and state.epochs_without_improvement >= patience
+        # Only the main process validates: every rank stops where it says.
+        state.stopped_early = bool(broadcast_object_list([stop], from_process=0)[0])
+        if state.stopped_early and self.is_main:
+            log.info(
+                "early stop after epoch %d: no better validation for %d", state.epoch, patience
+            )
+            self.log.write(event="early_stop", step=state.step, epoch=state.epoch)
 
     def _micro_step(self, batch: dict[str, Any]) -> None:
         with self.accelerator.accumulate(self.model):
@@ -197,7 +285,7 @@ class Trainer:
 
     def _after_step(self, bar: tqdm, started: float, samples_at_start: int) -> None:
         cfg, step = self.cfg, self.state.step
-        rate = (self.state.samples - samples_at_start) / max(time.perf_counter() - started, 1e-9)
+        rate = self._rate(started, samples_at_start)
         if step % cfg.log_every == 0 or step == self.total_steps:
             loss = self.last_loss
             entry = {
@@ -217,19 +305,66 @@ class Trainer:
             self._save_checkpoint()
 
     def _validate(self) -> dict[str, Any] | None:
-        """Per-category metrics on the validation set (main process; the others wait)."""
+        """Per-category metrics on the validation set at this step, once per step; a better
+        `select_metric` than any before keeps a copy of the weights (main process; the
+        others wait)."""
+        state = self.state
+        if self.val_data is None or state.validated_step == state.step:
+            return None
+        started = time.perf_counter()
         result = None
-        if self.is_main and self.val_data is not None:
+        if self.is_main:
             router: Router = self.accelerator.unwrap_model(self.model)
             result = validate(router, self.val_data, self.cfg.batch_size)
-            self.log.write(event="val", step=self.state.step, **result)
+            metric = self.cfg.select_metric
+            value = selection_value(result, metric)
+            improved = value is not None and (state.best_value is None or value > state.best_value)
+            # 1-based epoch of this step: an epoch's end has counted it already.
+            epoch = state.epoch + (1 if state.batches_in_epoch else 0)
+            if improved:
+                state.best_step, state.best_epoch, state.best_value = state.step, epoch, value
+                state.best_val = result
+                state.improved_in_epoch = True
+                self.best_weights = trainable_weights(router)
+            state.last_val = result
+            self.log.write(
+                event="val",
+                step=state.step,
+                epoch=epoch,
+                select_metric=metric,
+                select_value=value,
+                best=improved,
+                **result,
+            )
+        state.validated_step = state.step
         self.accelerator.wait_for_everyone()
+        self.val_seconds += time.perf_counter() - started
         return result
+
+    def _select_best(self) -> None:
+        """Put the best validation's weights back into the model before it is saved."""
+        state = self.state
+        if not self.is_main or state.best_step is None or state.best_step == state.step:
+            return
+        if self.best_weights is None:
+            raise RuntimeError(f"the weights of the best step {state.best_step} were not kept")
+        restore_weights(self.accelerator.unwrap_model(self.model), self.best_weights)
+        log.info(
+            "saving step %d (best %s %.4f), not the last step %d",
+            state.best_step,
+            self.cfg.select_metric,
+            state.best_value,
+            state.step,
+        )
 
     def _save_checkpoint(self) -> Path:
         directory = self.cfg.out / "checkpoints" / f"step-{self.state.step:06d}"
         self.accelerator.save_state(str(directory))
         if self.is_main:
+            state = self.state
+            # The model state is this step's; an earlier best needs its own copy.
+            if self.best_weights is not None and state.best_step != state.step:
+                save_file(self.best_weights, str(directory / BEST_FILE))
             (directory / STATE_FILE).write_text(json.dumps(asdict(self.state)))
             (directory / CONFIG_FILE).write_text(json.dumps(_jsonable(self.cfg), indent=2))
             self.log.write(event="checkpoint", step=self.state.step, path=str(directory))
@@ -241,10 +376,15 @@ class Trainer:
         if not state_file.is_file():
             raise FileNotFoundError(f"{state_file}: not a checkpoint (no {STATE_FILE})")
         self.accelerator.load_state(str(directory))
-        self.state = TrainState(**json.loads(state_file.read_text()))
-        log.info("resumed from %s at step %d", directory, self.state.step)
+        self.state = state = TrainState(**json.loads(state_file.read_text()))
+        if self.is_main and state.best_step is not None:
+            if state.best_step == state.step:
+                self.best_weights = trainable_weights(self.accelerator.unwrap_model(self.model))
+            else:
+                self.best_weights = load_file(str(directory / BEST_FILE))
+        log.info("resumed from %s at step %d", directory, state.step)
 
-    def _save_final(self, samples_per_s: float, final_val: dict[str, Any] | None) -> None:
+    def _save_final(self, samples_per_s: float) -> None:
         if self.cfg.record_seen:
             seen_dir = self.cfg.out / "seen"
             seen_dir.mkdir(parents=True, exist_ok=True)
@@ -255,17 +395,37 @@ class Trainer:
             return
         router: Router = self.accelerator.unwrap_model(self.model)
         save_router(router, self.cfg.out)
+        state = self.state
+        selected = None
+        if state.best_step is not None:
+            selected = {
+                "step": state.best_step,
+                "epoch": state.best_epoch,
+                "metric": self.cfg.select_metric,
+                "value": state.best_value,
+                "val": state.best_val,
+            }
         provenance = {
             "config": _jsonable(self.cfg),
             "data_fingerprint": fingerprint([self.cfg.data]),
             "val_fingerprint": fingerprint([self.cfg.val]) if self.cfg.val else None,
-            "steps": self.state.step,
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "stopped_early": state.stopped_early,
             "samples_per_s": round(samples_per_s, 2),
             "processes": self.accelerator.num_processes,
-            "final_val": final_val,
+            # The saved weights: the best validation's step (null without validation: the last).
+            "selected": selected,
+            "final_val": self._saved_val(),  # validation figures of the saved weights
+            "last_val": state.last_val,  # those of the last step
         }
         (self.cfg.out / CONFIG_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-        self.log.write(event="end", steps=self.state.step, samples_per_s=round(samples_per_s, 2))
+        self.log.write(
+            event="end",
+            steps=state.step,
+            selected_step=state.best_step if state.best_step is not None else state.step,
+            samples_per_s=round(samples_per_s, 2),
+        )
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -91,3 +91,18 @@ def test_bad_data_line_is_a_clear_error_not_a_traceback(tiny_store, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2
     assert "bad.jsonl:1" in err and "labels" in err
+
+
+def test_selection_bucket_and_finetune_flags_reach_the_config() -> None:
+    from app.cli import _train_config, build_parser
+
+    base = ["--data", "d.jsonl", "--model-config", "m", "--out", "o"]
+    default = _train_config(build_parser().parse_args(["train", *base]))
+    assert default.length_buckets and not default.full_finetune
+    assert (default.select_metric, default.early_stop_patience) == ("pr_auc", None)
+    flags = ["--no-length-buckets", "--full-finetune", "--select-metric", "apr_r90"]
+    flags += ["--early-stop-patience", "2", "--val", "v.jsonl"]
+    for command in (["train"], ["train-expert", "--category", "lqc"]):
+        cfg = _train_config(build_parser().parse_args([*command, *base, *flags]))
+        assert not cfg.length_buckets and cfg.full_finetune
+        assert (cfg.select_metric, cfg.early_stop_patience) == ("apr_r90", 2)

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from app.model.errors import ModelStoreError
 from app.model.store import load_router
 from app.training.config import TrainConfig
 from app.training.trainer import train
@@ -196,3 +197,86 @@ def test_two_processes_train_on_different_shards(tiny_store, tmp_path) -> None:
     assert not set(rank0) & set(rank1)
     assert log_events(out, "start")[0]["processes"] == 2
     assert load_router(out).categories == CATEGORIES
+
+
+def scripted_validation(values: list[float]):
+    """A stand-in for `validate` whose selection metric follows `values`, call by call."""
+    calls = iter(values)
+
+    def fake(router, data, batch_size) -> dict:
+        value = next(calls)
+        averages = dict.fromkeys(("pr_auc", "r_at_p60", "apr_r90", "apr_r95"), value)
+        return {"categories": {}, "averages": averages, "n_defined": 3}
+
+    return fake
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def test_best_epoch_is_saved_early_stop_and_resume_keep_it(
+    tiny_store, tmp_path, monkeypatch
+) -> None:
+    """Validation peaks after epoch 1 and then only worsens: the saved router is epoch 1's
+    (the checkpoint of its last step), the run stops after 2 epochs without improvement,
+    and a run resumed past the best step saves the same weights."""
+    data = write_dataset(tmp_path / "data", "train", 30)  # 5 steps per epoch
+    val = write_dataset(tmp_path / "data", "val", 6)
+    common = {"val": val, "epochs": 4, "early_stop_patience": 2}
+    monkeypatch.setattr("app.training.trainer.validate", scripted_validation([0.9, 0.5, 0.4, 0.3]))
+    straight = train(config(tiny_store, data, tmp_path / "a", checkpoint_every=5, **common))
+    assert (straight.steps, straight.selected_step, straight.stopped_early) == (15, 5, True)
+    provenance = json.loads((straight.out / "training_config.json").read_text())
+    assert provenance["selected"] | {"val": None} == {
+        "step": 5,
+        "epoch": 1,
+        "metric": "pr_auc",
+        "value": 0.9,
+        "val": None,
+    }
+    assert provenance["final_val"]["averages"]["pr_auc"] == 0.9
+    assert provenance["last_val"]["averages"]["pr_auc"] == 0.4
+    saved = load_router(straight.out).state_dict()
+    chosen = checkpoint_weights(straight.out / "checkpoints" / "step-000005")
+    last = checkpoint_weights(straight.out / "checkpoints" / "step-000015")
+    assert saved.keys() == chosen.keys()
+    assert all(torch.equal(saved[k], chosen[k]) for k in chosen)
+    assert any(not torch.equal(saved[k], last[k]) for k in last)
+    # Resumed after epoch 2's last step, before its validation (0.5, then 0.4: stop).
+    checkpoint = straight.out / "checkpoints" / "step-000010"
+    monkeypatch.setattr("app.training.trainer.validate", scripted_validation([0.5, 0.4, 0.3]))
+    resumed = train(config(tiny_store, data, tmp_path / "b", resume=checkpoint, **common))
+    assert (resumed.steps, resumed.selected_step, resumed.stopped_early) == (15, 5, True)
+    a, b = saved_weights(straight.out), saved_weights(resumed.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_finetune_saves_loads_and_scores_the_same(tiny_store, tmp_path) -> None:
+    from app.data.records import load_post, load_records
+    from app.model.backbones import load_backbone
+    from app.model.config import read_config
+    from app.training.trainer import Trainer
+
+    data = write_dataset(tmp_path / "data", "train", 12)
+    trainer = Trainer(config(tiny_store, data, tmp_path / "full", max_steps=2, full_finetune=True))
+    out = trainer.run().out
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    stored = json.loads((out / "router.json").read_text())
+    assert stored["full_finetune"] is True and stored["lora"] is None
+    assert not (out / "adapter").exists()
+    weights = load_file(out / "backbone.safetensors")
+    assert weights and not any(k.startswith("model.visual.") for k in weights)  # frozen tower
+    pretrained = dict(
+        load_backbone(read_config(tiny_store).backbone, tiny_store).named_parameters()
+    )
+    assert any(not torch.equal(v, pretrained[k]) for k, v in weights.items())
+    for name, param in trained.base_backbone.named_parameters():
+        if name.startswith("model.visual."):
+            assert not param.requires_grad and torch.equal(param, pretrained[name])
+    posts = [load_post(r) for r in load_records(data, CATEGORIES).records[:6]]
+    reloaded = load_router(out)
+    assert torch.equal(reloaded.predict_proba(posts), trained.predict_proba(posts))
+    (out / "backbone.safetensors").unlink()
+    with pytest.raises(ModelStoreError, match="full_finetune"):
+        load_router(out)
