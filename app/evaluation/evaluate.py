@@ -28,6 +28,7 @@ import torch
 
 from app.data.records import PostDataset, fingerprint, label_matrix, load_records
 from app.data.scoring import predict
+from app.data.sharding import Shard, ShardDone, current_shard
 from app.evaluation.metrics import (
     RECALL_TARGETS,
     EvaluationReport,
@@ -69,23 +70,35 @@ def score_data(
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = False,
+    shard: Shard | None = None,
 ) -> ScoredData:
     """Load the router and score every post of `data` (raises `DataError`/`ModelStoreError`).
 
     Labels of categories the model does not have are allowed and ignored (an expert is
     evaluated on a file labelled for every category) but listed in `ignored_categories`, so
     a misspelt category is visible in the report instead of silently unmeasured.
+
+    Under `accelerate launch` (`shard` None reads the launch; `app.data.sharding`) every
+    process scores its slice of whole batches and the main process gets all the scores, in
+    input order, equal to one process's. Every other process then ends (`ShardDone`, exit
+    status 0), so that whatever the caller does next with the scores (a report, a thresholds
+    file) happens once, on the main process: `evaluate` and `calibrate` shard without a
+    change of theirs.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be ≥ 1, got {batch_size}")
+    shard = current_shard() if shard is None else shard
     model_dir, data = Path(model_dir), Path(data)
-    router = load_router(model_dir, resolve_device(device))
+    router = load_router(model_dir, shard.device(resolve_device(device)))
     categories = router.categories
     loaded = load_records(
         data, categories, max_images=router.config.backbone.max_images, allow_other_categories=True
     )
     labelled = {name for item in loaded for name in item.record.labels}
-    scores = predict(router, PostDataset(loaded.records, categories), batch_size, progress)
+    dataset = PostDataset(loaded.records, categories)
+    scores = predict(router, dataset, batch_size, progress, shard=shard)
+    if not shard.is_main:
+        raise ShardDone(shard.rank)
     return ScoredData(
         model_dir=model_dir,
         model_version=router.config.model_version,

@@ -7,10 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
+import app.data.records as records_module
 from app.data.records import PostDataset, load_records
-from app.model.store import load_router
+from app.model.config import HeadConfig
+from app.model.router import Router
+from app.model.store import load_router, new_router, save_router
 from app.model.tiny import make_tiny_router
-from app.training.teach import TeachError, teach
+from app.model.tiny_encoders import (
+    TINY_IMAGE_SIZE,
+    TINY_LORA,
+    dual_encoder_router_config,
+    make_tiny_image_encoder_weights,
+    make_tiny_text_encoder_dir,
+)
+from app.training.teach import TeachError, load_experts, teach
 
 BATCH = 2
 
@@ -142,3 +152,72 @@ def test_skip_bad_leaves_bad_lines_out(experts, data: Path, tmp_path) -> None:
     stats = teach([experts["rcs"]], bad, out, progress=False, skip_bad=True)
     assert (stats.records, stats.skipped) == (5, 1)
     assert [line["post_id"] for line in read_jsonl(out)] == ["p1", "p2", "p3", "p4", "p5"]
+
+
+@pytest.fixture(scope="module")
+def shared_backbone_experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three tiny dual-encoder experts, as `radar train-expert` makes them from one config:
+    a and b on the same backbone files and settings (one input builder), c with another
+    max_text_tokens (another input builder). Given in the order a, c, b."""
+    root = tmp_path_factory.mktemp("shared")
+    text = make_tiny_text_encoder_dir(root / "text")
+    image = make_tiny_image_encoder_weights(root / "image.safetensors")
+    stores = {}
+    for seed, (name, max_tokens) in enumerate((("a", 64), ("c", 32), ("b", 64))):
+        config = dual_encoder_router_config(
+            (name,),
+            path=str(text),
+            image_path=str(image),
+            image_size=TINY_IMAGE_SIZE,
+            max_text_tokens=max_tokens,
+            lora=TINY_LORA,
+            head=HeadConfig(hidden_dims=(8,)),
+        )
+        torch.manual_seed(seed)
+        stores[name] = save_router(new_router(config, root / name), root / name)
+    return stores
+
+
+def test_each_post_is_decoded_and_its_inputs_built_once_per_input_builder(
+    shared_backbone_experts: dict[str, Path], data: Path, tmp_path, monkeypatch
+) -> None:
+    decodes: list[Path] = []
+    builds: list[int] = []
+    real_decode, real_build = records_module.decode_rgb, Router.build_inputs
+
+    def counting_decode(source, *args, **kwargs):
+        decodes.append(Path(source))
+        return real_decode(source, *args, **kwargs)
+
+    def counting_build(self, posts):
+        builds.append(len(posts))
+        return real_build(self, posts)
+
+    monkeypatch.setattr(records_module, "decode_rgb", counting_decode)
+    monkeypatch.setattr(Router, "build_inputs", counting_build)
+    out = tmp_path / "out.jsonl"
+    stats = run(shared_backbone_experts, data, out)
+
+    assert stats.categories == ("a", "c", "b")  # the order given, whatever the grouping
+    assert len(decodes) == 4  # p1, p3 (two) and p5's images, each once for all experts
+    # 3 batches (2 + 2 + 1 posts) × 2 input builders: {a, b} share one, c has its own.
+    # Building per expert, as before, would make 9.
+    assert sorted(builds) == [1, 1, 2, 2, 2, 2]
+
+    monkeypatch.undo()
+    outputs = read_jsonl(out)
+    assert list(outputs[0]["teacher"]) == ["a", "c", "b"]
+    records = load_records(data, ("lqc", "rcs", "fe")).records
+    posts = [post for post, _, _ in PostDataset(records, ("lqc", "rcs", "fe"))]
+    for name, store in shared_backbone_experts.items():
+        expert = load_router(store)
+        expected = torch.cat(
+            [expert.predict_proba(posts[i : i + BATCH]) for i in range(0, 5, BATCH)]
+        )[:, 0]
+        got = torch.tensor([line["teacher"][name] for line in outputs])
+        assert torch.equal(got, expected)  # the shared inputs are the expert's own, exactly
+
+
+def test_experts_group_by_input_builder(shared_backbone_experts: dict[str, Path]) -> None:
+    experts = load_experts(list(shared_backbone_experts.values()), "cpu")
+    assert [tuple(group.experts) for group in experts.groups] == [("a", "b"), ("c",)]
