@@ -8,6 +8,10 @@ calibration → docs/results.md):
 Rows, all on the MiniLM + EfficientNet-Lite0 dual encoder (real weights): the per-category
 experts (K = 1 each, on their own pipeline's samples), "BCE w/o mask", masked BCE (λ = 0),
 masked BCE + distillation (λ = 0.5, teachers = the experts), and λ ∈ {0.25, 0.75, 1}.
+Two baselines on the same test split: per-category TF-IDF + logistic regression
+(`experiments.proxy.baselines`) and the previously shipped router (`--previous-router`,
+copied into the work directory first, so `--ship` cannot overwrite it before it is scored).
+Every ordering claim gets a paired-bootstrap interval over the test posts.
 """
 
 import argparse
@@ -21,14 +25,21 @@ from typing import Any
 
 import numpy as np
 
+from app.evaluation.bootstrap import PairedBootstrap
 from app.evaluation.evaluate import ScoredData, score_data
-from app.evaluation.metrics import evaluate_scores
 from app.model.store import copy_router
 from app.training.config import TrainConfig
 from app.training.teach import teach
 from app.training.trainer import train
+from experiments.proxy.baselines import TFIDF, ScoreMatrix, router_scores, tfidf_scores
 from experiments.proxy.data import build_proxy_dataset
-from experiments.proxy.results import ThresholdCheck, calibrate_and_check, write_results
+from experiments.proxy.results import (
+    PREVIOUS,
+    ThresholdCheck,
+    calibrate_and_check,
+    ordering_bootstraps,
+    write_results,
+)
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -46,10 +57,13 @@ class Benchmark:
     batch_size: int
     lr: float
     head_lr: float
+    previous_router: Path | None = None  # the router shipped before this run, if any
     timings: dict[str, float] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: dict[str, ThresholdCheck] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, ScoreMatrix] = field(default_factory=dict)  # test scores per row
+    orderings: dict[str, PairedBootstrap] = field(default_factory=dict)  # per ordering claim
 
     def timed(self, name: str, work: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -77,6 +91,7 @@ class Benchmark:
 
 def run(bench: Benchmark) -> None:
     """Every stage in order; the measurements land in `bench`."""
+    previous = _keep_previous_router(bench)
     data = bench.out / "data"
     manifest = bench.timed(
         "data",
@@ -117,7 +132,7 @@ def run(bench: Benchmark) -> None:
             ),
         )
     test = data / "test.jsonl"
-    bench.reports["experts"] = bench.timed(
+    bench.scores["experts"] = bench.timed(
         "evaluate experts", lambda: _evaluate_experts(experts, test, categories, bench.batch_size)
     )
     scored: dict[str, ScoredData] = {}
@@ -125,7 +140,17 @@ def run(bench: Benchmark) -> None:
         scored[name] = bench.timed(
             f"evaluate {name}", lambda d=directory: score_data(d, test, batch_size=bench.batch_size)
         )
-        bench.reports[name] = _report(scored[name])
+        bench.scores[name] = ScoreMatrix.from_scored(name, scored[name])
+    bench.scores[TFIDF] = bench.timed(
+        "TF-IDF baseline", lambda: tfidf_scores(data / "train.jsonl", test, categories)[0]
+    )
+    if previous is not None:
+        bench.scores[PREVIOUS] = bench.timed(
+            "evaluate previous router",
+            lambda: router_scores(previous, test, name=PREVIOUS, batch_size=bench.batch_size),
+        )
+    for name, matrix in bench.scores.items():
+        bench.reports[name] = matrix.report().to_dict()
     for recall in (0.90, 0.95):
         bench.thresholds[f"{recall:.2f}"] = bench.timed(
             f"calibrate R={recall}",
@@ -139,20 +164,35 @@ def run(bench: Benchmark) -> None:
                 seed=bench.seed,
             ),
         )
+    bench.orderings = bench.timed(
+        "paired bootstrap", lambda: ordering_bootstraps(bench.scores, seed=bench.seed)
+    )
 
 
-def _report(scored: ScoredData) -> dict[str, Any]:
-    return evaluate_scores(scored.labels, scored.scores, scored.categories).to_dict()
+def _keep_previous_router(bench: Benchmark) -> Path | None:
+    """Copy the previous router into the work directory before anything can replace it.
+
+    `--ship` overwrites model_store/proxy at the end of the run; the copy is what is scored,
+    and it stays next to the run's other routers for a later look.
+    """
+    if bench.previous_router is None:
+        return None
+    copy = bench.out / "previous-router"
+    if copy.resolve() != bench.previous_router.resolve():
+        if copy.exists():
+            shutil.rmtree(copy)
+        shutil.copytree(bench.previous_router, copy)
+    return copy
 
 
 def _evaluate_experts(
     experts: list[Path], data: Path, categories: tuple[str, ...], batch_size: int
-) -> dict[str, Any]:
+) -> ScoreMatrix:
     """Each expert scores the test set; each category is judged on its own annotated posts."""
     columns = [score_data(d, data, batch_size=batch_size) for d in experts]
     labels = np.concatenate([c.labels for c in columns], axis=1)
     scores = np.concatenate([c.scores for c in columns], axis=1)
-    return evaluate_scores(labels, scores, categories).to_dict()
+    return ScoreMatrix("experts", categories, columns[0].post_ids, labels, scores)
 
 
 def ship(bench: Benchmark, model_store: Path, thresholds: Path) -> None:
@@ -205,6 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         help="where the results document goes",
     )
     parser.add_argument(
+        "--previous-router",
+        type=Path,
+        default=Path("model_store/proxy") if Path("model_store/proxy").is_dir() else None,
+        help="the router to compare against, scored on the same test split "
+        "(default model_store/proxy if it exists; copied aside before --ship replaces it)",
+    )
+    parser.add_argument(
+        "--no-previous-router",
+        action="store_true",
+        help="run without the previous-router row (e.g. nothing comparable was shipped)",
+    )
+    parser.add_argument(
         "--ship",
         action="store_true",
         help="copy the λ=0.5 router to model_store/proxy and its thresholds "
@@ -221,12 +273,21 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         head_lr=args.head_lr,
+        previous_router=None if args.no_previous_router else args.previous_router,
     )
     started = time.perf_counter()
     bench.timed("total", lambda: run(bench))
     results = write_results(bench, args.results)
     (args.out / "benchmark.json").write_text(
-        json.dumps({"timings": bench.timings, "reports": bench.reports}, indent=1, default=str)
+        json.dumps(
+            {
+                "timings": bench.timings,
+                "reports": bench.reports,
+                "orderings": {k: v.to_dict() for k, v in bench.orderings.items()},
+            },
+            indent=1,
+            default=str,
+        )
     )
     if args.ship:
         ship(bench, Path("model_store/proxy"), Path("thresholds/proxy.yaml"))
