@@ -223,6 +223,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.no_progress,
             command=args.command_line,
+            feature_cache=args.feature_cache,
         )
     except ThresholdsError as exc:
         print(f"radar evaluate: thresholds refused ({exc.reason}): {exc}", file=sys.stderr)
@@ -295,6 +296,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             command=args.command_line,
             only=args.only,
             base=args.base,
+            feature_cache=args.feature_cache,
         )
     except ThresholdsError as exc:
         print(f"radar calibrate: --base refused ({exc.reason}): {exc}", file=sys.stderr)
@@ -319,6 +321,17 @@ def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
         "--device", default="cpu", help="cpu, cuda or auto (CUDA when present, bf16) (cpu)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_feature_cache_flag(parser)
+
+
+FEATURE_CACHE_HELP = (
+    "directory of cached frozen image-encoder features (dual encoder), shared with training "
+    "and teach: each image is encoded once per encoder (default: none)"
+)
+
+
+def _add_feature_cache_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--feature-cache", type=Path, metavar="DIR", help=FEATURE_CACHE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     teach.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
+    _add_feature_cache_flag(teach)
     teach.set_defaults(handler=_teach, target=calls("app.training.teach", "teach"))
 
     evaluate = commands.add_parser(

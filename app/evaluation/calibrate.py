@@ -525,6 +525,7 @@ def calibrate_model(
     delta: float = DEFAULT_DELTA,
     only: Sequence[str] | None = None,
     base: Path | str | None = None,
+    feature_cache: Path | str | None = None,
 ) -> CalibrationResult:
     """Score `data` with the router in `model_dir`, calibrate, write `out` (see above)."""
     # Check settings, targets, the base file and positives before the (slow) scoring pass.
@@ -538,7 +539,14 @@ def calibrate_model(
     if guarantee == "quantile" and not allow_few_positives:
         labels = label_matrix(load_records(data, names, allow_other_categories=True), names)
         refuse_few_positives(short_of_positives(labels, names, targets, min_positives))
-    scored = score_data(model_dir, data, batch_size=batch_size, device=device, progress=progress)
+    scored = score_data(
+        model_dir,
+        data,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        feature_cache=feature_cache,
+    )
     return calibrate_scored(
         scored,
         out,

@@ -71,6 +71,7 @@ def score_data(
     device: str = "cpu",
     progress: bool = False,
     shard: Shard | None = None,
+    feature_cache: Path | str | None = None,
 ) -> ScoredData:
     """Load the router and score every post of `data` (raises `DataError`/`ModelStoreError`).
 
@@ -90,6 +91,7 @@ def score_data(
     shard = current_shard() if shard is None else shard
     model_dir, data = Path(model_dir), Path(data)
     router = load_router(model_dir, shard.device(resolve_device(device)))
+    router.use_feature_cache(feature_cache)  # frozen image features (no-op for other backbones)
     categories = router.categories
     loaded = load_records(
         data, categories, max_images=router.config.backbone.max_images, allow_other_categories=True
@@ -321,11 +323,19 @@ def evaluate_model(
     progress: bool = False,
     command: str | None = None,
     n_boot: int = 1000,
+    feature_cache: Path | str | None = None,
 ) -> ModelEvaluation:
     """Score `data` with the router in `model_dir` and measure it (see `evaluate_scored`)."""
     if thresholds is not None and not isinstance(thresholds, Mapping):
         # Refuse a bad file before the (slow) scoring pass, not after it.
         config = read_config(Path(model_dir))
         load_thresholds(Path(thresholds), config.categories, config.model_version)
-    scored = score_data(model_dir, data, batch_size=batch_size, device=device, progress=progress)
+    scored = score_data(
+        model_dir,
+        data,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
+        feature_cache=feature_cache,
+    )
     return evaluate_scored(scored, thresholds, command=command, n_boot=n_boot)

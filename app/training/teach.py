@@ -141,6 +141,7 @@ def teach(
     progress: bool = True,
     skip_bad: bool = False,
     shard: Shard | None = None,
+    feature_cache: Path | None = None,
 ) -> TeachStats:
     """Score every record of `data` with every expert (a K = 1 router) and write `out`.
 
@@ -158,7 +159,7 @@ def teach(
     if out.resolve() == data.resolve():
         raise TeachError(f"{out}: the output would overwrite the input data")
     shard = current_shard() if shard is None else shard
-    experts = load_experts(expert_dirs, shard.device(device))
+    experts = load_experts(expert_dirs, shard.device(device), feature_cache)
     loaded = load_records(
         data,
         experts.categories,
@@ -188,14 +189,20 @@ def teach(
     )
 
 
-def load_experts(expert_dirs: Sequence[Path], device: torch.device | str) -> Experts:
-    """Load each expert (eval mode, on `device`), grouped by the inputs its backbone builds."""
+def load_experts(
+    expert_dirs: Sequence[Path], device: torch.device | str, feature_cache: Path | None = None
+) -> Experts:
+    """Load each expert (eval mode, on `device`), grouped by the inputs its backbone builds.
+
+    With `feature_cache`, each expert's frozen image encoder reads and fills that directory
+    (`Router.use_feature_cache`): the features training stored are not computed again."""
     if not expert_dirs:
         raise TeachError("no experts given")
     groups: dict[str, dict[str, Router]] = {}
     origin: dict[str, Path] = {}
     for expert_dir in map(Path, expert_dirs):
         router = load_router(expert_dir, device)
+        router.use_feature_cache(feature_cache)
         if len(router.categories) != 1:
             raise TeachError(
                 f"{expert_dir}: an expert scores one category, this router has "
