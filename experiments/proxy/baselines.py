@@ -173,10 +173,16 @@ def tfidf_scores(
 
 
 def router_scores(
-    model_dir: Path, test: Path, *, name: str = ROUTER, batch_size: int = 32
+    model_dir: Path,
+    test: Path,
+    *,
+    name: str = ROUTER,
+    batch_size: int = 32,
+    feature_cache: Path | None = None,
 ) -> ScoreMatrix:
     """A saved router's scores of `test` (`score_data`), in the router's category order."""
-    return ScoreMatrix.from_scored(name, score_data(model_dir, test, batch_size=batch_size))
+    scored = score_data(model_dir, test, batch_size=batch_size, feature_cache=feature_cache)
+    return ScoreMatrix.from_scored(name, scored)
 
 
 def compare(

@@ -84,9 +84,15 @@ class Benchmark:
             head_lr=self.head_lr,
             seed=self.seed,
             log_every=20,
-            feature_cache=self.out / "feature-cache",
+            feature_cache=self.feature_cache,
             **extra,
         )
+
+    @property
+    def feature_cache(self) -> Path:
+        """One cache of frozen image features for every stage: each image is encoded once
+        per image encoder in the whole run (experts, teach, routers, evaluate, calibrate)."""
+        return self.out / "feature-cache"
 
 
 def run(bench: Benchmark) -> None:
@@ -112,7 +118,16 @@ def run(bench: Benchmark) -> None:
             ),
         )
     taught = data / "train.teach.jsonl"
-    bench.timed("teach", lambda: teach(experts, data / "train.jsonl", taught, progress=False))
+    bench.timed(
+        "teach",
+        lambda: teach(
+            experts,
+            data / "train.jsonl",
+            taught,
+            progress=False,
+            feature_cache=bench.feature_cache,
+        ),
+    )
     routers = {"BCE w/o mask": bench.out / "router-nomask"}
     routers |= {f"λ={lam:g}": bench.out / f"router-lambda{lam:g}" for lam in LAMBDAS}
     for name, directory in routers.items():
@@ -133,12 +148,16 @@ def run(bench: Benchmark) -> None:
         )
     test = data / "test.jsonl"
     bench.scores["experts"] = bench.timed(
-        "evaluate experts", lambda: _evaluate_experts(experts, test, categories, bench.batch_size)
+        "evaluate experts",
+        lambda: _evaluate_experts(experts, test, categories, bench.batch_size, bench.feature_cache),
     )
     scored: dict[str, ScoredData] = {}
     for name, directory in routers.items():
         scored[name] = bench.timed(
-            f"evaluate {name}", lambda d=directory: score_data(d, test, batch_size=bench.batch_size)
+            f"evaluate {name}",
+            lambda d=directory: score_data(
+                d, test, batch_size=bench.batch_size, feature_cache=bench.feature_cache
+            ),
         )
         bench.scores[name] = ScoreMatrix.from_scored(name, scored[name])
     bench.scores[TFIDF] = bench.timed(
@@ -147,7 +166,13 @@ def run(bench: Benchmark) -> None:
     if previous is not None:
         bench.scores[PREVIOUS] = bench.timed(
             "evaluate previous router",
-            lambda: router_scores(previous, test, name=PREVIOUS, batch_size=bench.batch_size),
+            lambda: router_scores(
+                previous,
+                test,
+                name=PREVIOUS,
+                batch_size=bench.batch_size,
+                feature_cache=bench.feature_cache,
+            ),
         )
     for name, matrix in bench.scores.items():
         bench.reports[name] = matrix.report().to_dict()
@@ -162,6 +187,7 @@ def run(bench: Benchmark) -> None:
                 bench.out,
                 bench.batch_size,
                 seed=bench.seed,
+                feature_cache=bench.feature_cache,
             ),
         )
     bench.orderings = bench.timed(
@@ -186,10 +212,16 @@ def _keep_previous_router(bench: Benchmark) -> Path | None:
 
 
 def _evaluate_experts(
-    experts: list[Path], data: Path, categories: tuple[str, ...], batch_size: int
+    experts: list[Path],
+    data: Path,
+    categories: tuple[str, ...],
+    batch_size: int,
+    feature_cache: Path | None = None,
 ) -> ScoreMatrix:
     """Each expert scores the test set; each category is judged on its own annotated posts."""
-    columns = [score_data(d, data, batch_size=batch_size) for d in experts]
+    columns = [
+        score_data(d, data, batch_size=batch_size, feature_cache=feature_cache) for d in experts
+    ]
     labels = np.concatenate([c.labels for c in columns], axis=1)
     scores = np.concatenate([c.scores for c in columns], axis=1)
     return ScoreMatrix("experts", categories, columns[0].post_ids, labels, scores)

@@ -60,6 +60,7 @@ def calibrate_and_check(
     out_dir: Path,
     batch_size: int,
     seed: int,
+    feature_cache: Path | None = None,
 ) -> ThresholdCheck:
     """Calibrate on `val` for `recall`, then measure realised recall on the test scores."""
     path = out_dir / f"thresholds-r{round(recall * 100)}.yaml"
@@ -74,6 +75,7 @@ def calibrate_and_check(
         version=f"proxy-r{round(recall * 100)}",
         min_positives=10,
         allow_few_positives=True,
+        feature_cache=feature_cache,
     )
     taus = {c.category: c.tau for c in result.categories}
     check = check_thresholds(

@@ -1,12 +1,24 @@
-"""The whole proxy benchmark, end to end, on the tiny Qwen3-VL backbone and a sliver of the
-real public data: every stage runs and docs/results.md-style output is written."""
+"""The whole proxy benchmark, end to end, on a tiny dual encoder (the shipped router's family,
+random weights) and a sliver of the real public data: every stage runs, docs/results.md-style
+output is written, and each image is encoded once in the whole run (the feature cache)."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from app.model.store import load_router
+from app.model.backbones.dual_encoder import ImageEncoder
+from app.model.store import load_router, write_config
 from app.model.tiny import make_tiny_router
+from app.model.tiny_encoders import (
+    TINY_IMAGE_SIZE,
+    TINY_LORA,
+    dual_encoder_router_config,
+    make_tiny_image_encoder_weights,
+    make_tiny_text_encoder_dir,
+)
 from app.thresholds import load_thresholds
 from experiments.proxy.benchmark import Benchmark, run, ship
 from experiments.proxy.results import ORDERINGS, write_results
@@ -17,14 +29,32 @@ SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data (the public datasets) is absent")
-def test_benchmark_runs_every_stage(tiny_store, tmp_path) -> None:
+def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
+    config = dual_encoder_router_config(
+        CATEGORIES,
+        path=str(make_tiny_text_encoder_dir(tmp_path / "encoders" / "text")),
+        image_path=str(make_tiny_image_encoder_weights(tmp_path / "encoders" / "lite0.pth")),
+        image_size=TINY_IMAGE_SIZE,
+        max_text_tokens=16,
+        lora=TINY_LORA,
+    )
+    (tmp_path / "config").mkdir()
+    write_config(config, tmp_path / "config")
+    encoded = {"images": 0}
+    forward = ImageEncoder.forward
+
+    def counting(self: ImageEncoder, pixel_values: torch.Tensor) -> torch.Tensor:
+        encoded["images"] += pixel_values.shape[0]
+        return forward(self, pixel_values)
+
+    monkeypatch.setattr(ImageEncoder, "forward", counting)
     # The "previously shipped" router: a random tiny one with the proxy's categories, which
     # `ship` below must not disturb once the run has copied it aside.
     previous = make_tiny_router(tmp_path / "previous", categories=CATEGORIES, seed=1)
     bench = Benchmark(
         out=tmp_path / "run",
         shared=SHARED,
-        model_config=tiny_store,
+        model_config=tmp_path / "config",
         seed=0,
         max_per_source=40,
         epochs=1,
@@ -34,6 +64,9 @@ def test_benchmark_runs_every_stage(tiny_store, tmp_path) -> None:
         previous_router=previous,
     )
     run(bench)
+    # Experts, teach, seven routers, evaluation and calibration share one image encoder:
+    # with the run's feature cache every distinct image went through it exactly once.
+    assert encoded["images"] == distinct_images(tmp_path / "run" / "data") > 0
     results = write_results(bench, tmp_path / "results.md")
     text = results.read_text()
     for row in (
@@ -73,3 +106,13 @@ def test_benchmark_runs_every_stage(tiny_store, tmp_path) -> None:
     )
     assert set(active.taus) == set(categories)
     assert not (tmp_path / "store" / "checkpoints").exists()
+
+
+def distinct_images(data: Path) -> int:
+    """Distinct image files (by content) referenced by the run's splits."""
+    digests = set()
+    for split in ("train", "val", "test"):
+        for line in (data / f"{split}.jsonl").read_text().splitlines():
+            for image in json.loads(line)["images"]:
+                digests.add(hashlib.sha256((data / image).read_bytes()).hexdigest())
+    return len(digests)
