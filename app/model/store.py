@@ -14,6 +14,7 @@ Layout (DESIGN.md):
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -172,57 +173,48 @@ def _load_adapter(backbone: torch.nn.Module, adapter_dir: Path, *, trainable: bo
 
 def _load_finetuned_backbone(backbone: Backbone, path: Path) -> None:
     """Load a full fine-tune's backbone weights over the pretrained ones, names checked."""
-    if not is_file(path):
-        raise ModelStoreError(path, "missing (router.json says full_finetune)")
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelStoreError(path, f"not a readable safetensors file: {exc}") from None
     expected = finetuned_parameters(backbone)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ModelStoreError(
-            path,
-            f"tensors do not match the backbone: missing {missing[:8]}, "
-            f"unexpected {unexpected[:8]}",
-        )
+    saved = _read_matching(path, expected, "router.json says full_finetune", "the backbone")
     with torch.no_grad():
         for name, tensor in saved.items():
-            param = expected[name]
-            if tensor.shape != param.shape:
-                raise ModelStoreError(
-                    path, f"{name} has shape {tuple(tensor.shape)}, not {tuple(param.shape)}"
-                )
-            param.copy_(tensor)
+            expected[name].copy_(tensor)
 
 
 def _load_head(router: Router, path: Path) -> None:
-    if not is_file(path):
-        raise ModelStoreError(path, "missing (MLP and heads)")
-    try:
-        saved = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ModelStoreError(path, f"not a readable safetensors file: {exc}") from None
-    expected = head_state(router)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    if missing or unexpected:
-        raise ModelStoreError(
-            path, f"tensors do not match router.json: missing {missing}, unexpected {unexpected}"
-        )
-    for key, tensor in saved.items():
-        if tensor.shape != expected[key].shape:
-            raise ModelStoreError(
-                path,
-                f"{key} has shape {tuple(tensor.shape)}, router.json implies "
-                f"{tuple(expected[key].shape)}",
-            )
+    saved = _read_matching(path, head_state(router), "MLP and heads", "router.json")
     with torch.no_grad():
         router.mlp.load_state_dict(_strip(saved, "mlp."))
         router.heads.load_state_dict(_strip(saved, "heads."))
         for name, value in _strip(saved, "extras.").items():
             router.base_backbone.extras[name].copy_(value)
+
+
+def _read_matching(
+    path: Path, expected: Mapping[str, torch.Tensor], what: str, against: str
+) -> dict[str, torch.Tensor]:
+    """A safetensors file whose tensor names and shapes are exactly `expected`'s, or a
+    `ModelStoreError` naming the file and the first differences."""
+    if not is_file(path):
+        raise ModelStoreError(path, f"missing ({what})")
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ModelStoreError(path, f"not a readable safetensors file: {exc}") from None
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ModelStoreError(
+            path,
+            f"tensors do not match {against}: missing {missing[:8]}, unexpected {unexpected[:8]}",
+        )
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelStoreError(
+                path,
+                f"{key} has shape {tuple(tensor.shape)}, {against} implies "
+                f"{tuple(expected[key].shape)}",
+            )
+    return saved
 
 
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
