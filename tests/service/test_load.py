@@ -38,7 +38,11 @@ def test_load_test_ci_profile(tiny_store: Path, tmp_path: Path) -> None:
     assert sat > 0
     # Sustained 80 %: nothing but 200s and fast 503s, memory flat.
     hold = phases["hold"]
-    assert hold["other_err"] == 0 and hold["ok"] >= 0.9 * hold["requests"], hold
+    # Admission may shed some of 80 % on a noisy VM: 686 of 768 answered (89 %) in runs of
+    # the unchanged previous release on a quiet 2-core machine, which failed a 0.9 bound 3
+    # times in 5 (2026-12-01). The property is "no error, most served"; the strict figure
+    # is the benchmark's (docs/reliability.md).
+    assert hold["other_err"] == 0 and hold["ok"] >= 0.75 * hold["requests"], hold
     assert report["hold_rss_growth_mb"] < 100
     for name in ("overload_2x", "overload_5x"):
         row = phases[name]
