@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 from app.service.errors import AdminDisabledError, ForbiddenError, NotReadyError, UnauthorizedError
 from app.service.schemas import ErrorBody, ReloadOutcome
 from app.service.state import ServiceState
+from app.service.strict_json import StrictJSONRoute
 
-admin_router = APIRouter(prefix="/admin", tags=["admin"])
+admin_router = APIRouter(prefix="/admin", tags=["admin"], route_class=StrictJSONRoute)
 
 # What `require_admin` answers, for the OpenAPI description of every endpoint behind it.
 ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {

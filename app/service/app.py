@@ -15,11 +15,13 @@ from app.service.errors import ServiceError
 from app.service.routes import router
 from app.service.settings import Settings
 from app.service.state import ServiceState
+from app.service.strict_json import DuplicateKeyError
 
 log = logging.getLogger(__name__)
 
 # Stable codes for the framework's own HTTP errors (unknown path, wrong method, ...).
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+MAX_ERRORS_SHOWN = 20  # validation errors listed in a 422; `errors_total` counts them all
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -71,11 +73,13 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     # Location and message only: echoing the input back could return megabytes of base64.
+    # The first few errors only, and how many there were: a body of many invalid items
+    # must not come back as megabytes of errors.
     detail: list[dict[str, object]] = [
         {"loc": [_printable(part) for part in e.get("loc", ())], "msg": _printable(e.get("msg"))}
-        for e in errors
+        for e in errors[:MAX_ERRORS_SHOWN]
     ]
-    return _invalid_request(request, detail)
+    return _invalid_request(request, detail, total=len(errors))
 
 
 def _printable(part: object) -> str | int:
@@ -86,9 +90,13 @@ def _printable(part: object) -> str | int:
     return str(part).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _invalid_request(request: Request, detail: list[dict[str, object]]) -> JSONResponse:
+def _invalid_request(
+    request: Request, detail: list[dict[str, object]], total: int | None = None
+) -> JSONResponse:
     request.app.state.radar.metrics.rejected.labels("invalid_request").inc()
-    return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+    body: dict[str, object] = {"error": "invalid_request", "detail": detail}
+    body["errors_total"] = len(detail) if total is None else total
+    return JSONResponse(body, status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -100,6 +108,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         problem = "body is not valid UTF-8 JSON"
         if isinstance(exc.__cause__, RecursionError):
             problem = "body nested too deeply"
+        elif isinstance(exc.__cause__, DuplicateKeyError):
+            problem = exc.__cause__.message
         return _invalid_request(request, [{"loc": ["body"], "msg": problem}])
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     if exc.status_code == 413:

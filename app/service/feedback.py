@@ -15,8 +15,9 @@ from app.service.errors import (
 )
 from app.service.schemas import ErrorBody, FeedbackIn, FeedbackOutcome
 from app.service.state import ServiceState
+from app.service.strict_json import StrictJSONRoute
 
-feedback_router = APIRouter(tags=["feedback"])
+feedback_router = APIRouter(tags=["feedback"], route_class=StrictJSONRoute)
 
 
 @feedback_router.post(

@@ -25,6 +25,7 @@ from app.service.schemas import (
     RouteResult,
 )
 from app.service.state import ServiceState
+from app.service.strict_json import StrictJSONRoute
 
 ERRORS = {
     413: {"model": ErrorBody, "description": "body or batch too large"},
@@ -41,7 +42,7 @@ async def get_state(request: Request) -> ServiceState:
 
 
 State = Annotated[ServiceState, Depends(get_state)]
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/route", response_model=RouteResult, responses=ERRORS, tags=["routing"])

@@ -4,6 +4,7 @@ Unknown fields are rejected (422): a typo such as `ocr` for `ocr_text` would oth
 the post without its text, silently.
 """
 
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Self
 
@@ -22,8 +23,30 @@ def _encodable(value: str) -> str:
     return value
 
 
+def _no_control_characters(value: str) -> str:
+    """Refuse control characters (NUL, newlines, ANSI escapes, ...) in an identifier.
+
+    An id is a key in the decision log and a label in logs: PostgreSQL refuses a NUL in text
+    (one such row would fail the whole flush), and a newline or escape forges log lines.
+    """
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"control character U+{ord(bad):04X} in an identifier")
+    return value
+
+
 Text = Annotated[str, AfterValidator(_encodable)]
-PostId = Annotated[Text, Field(min_length=1, max_length=256, examples=["post-123"])]
+Identifier = Annotated[
+    Text, Field(min_length=1, max_length=256), AfterValidator(_no_control_characters)
+]
+PostId = Annotated[Identifier, Field(examples=["post-123"])]
+
+# Hard ceilings on every list of a body, checked by pydantic on the list's length before any
+# item is validated: a body of 200,000 invalid items costs one check, not 200,000 errors. The
+# settings' own limits (`RADAR_MAX_*`, at most these) are checked after validation.
+MAX_POSTS_CEILING = 1024
+MAX_IMAGES_CEILING = 64
+MAX_VERDICTS_CEILING = 100_000
 TEXT_LIMITS = (
     "At most `RADAR_MAX_TEXT_CHARS` characters (default 10,000; longer is a 422 `bad_post`). "
     "The model reads title and OCR text up to its own token budget (`max_text_tokens` in "
@@ -67,7 +90,9 @@ class PostIn(_Body):
     )
     ocr_text: Text = Field(default="", examples=["DM me on WhatsApp"], description=TEXT_LIMITS)
     images: list[ImageIn] = Field(
-        default_factory=list, description="at most `RADAR_MAX_IMAGES_PER_POST` (default 4)"
+        default_factory=list,
+        max_length=MAX_IMAGES_CEILING,
+        description="at most `RADAR_MAX_IMAGES_PER_POST` (default 4)",
     )
 
     model_config = ConfigDict(
@@ -90,6 +115,7 @@ class BatchIn(_Body):
 
     posts: list[PostIn] = Field(
         min_length=1,
+        max_length=MAX_POSTS_CEILING,
         description="at most `RADAR_MAX_POSTS_PER_REQUEST` (default 64; more is a 413), "
         "unique `post_id`s (a repeat is a 422)",
     )
@@ -140,6 +166,10 @@ class ErrorBody(BaseModel):
 
     error: str
     detail: str | list[dict[str, object]]
+    errors_total: int | None = Field(
+        default=None,
+        description="invalid_request: how many problems the body had (`detail` lists the first 20)",
+    )
 
 
 class ReadyStatus(BaseModel):
@@ -162,7 +192,7 @@ class VerdictIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     post_id: PostId
-    category: Text = Field(min_length=1, max_length=256, examples=["spam"])
+    category: Identifier = Field(examples=["spam"])
     violating: bool
 
 
@@ -170,7 +200,9 @@ class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     verdicts: list[VerdictIn] = Field(
-        min_length=1, description="at most RADAR_MAX_VERDICTS_PER_REQUEST"
+        min_length=1,
+        max_length=MAX_VERDICTS_CEILING,
+        description="at most RADAR_MAX_VERDICTS_PER_REQUEST",
     )
 
 

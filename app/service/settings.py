@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.feedback.schema import LogLocationError, log_url
+from app.service.schemas import MAX_IMAGES_CEILING, MAX_POSTS_CEILING, MAX_VERDICTS_CEILING
 
 
 class Settings(BaseSettings):
@@ -45,8 +46,10 @@ class Settings(BaseSettings):
     deadline_ms: float = Field(default=2000.0, gt=0.0, le=600_000.0, description="per request")
     retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After on 503")
 
-    max_posts_per_request: int = Field(default=64, ge=1, le=1024, description="/route/batch")
-    max_images_per_post: int = Field(default=4, ge=0, le=64)
+    max_posts_per_request: int = Field(
+        default=64, ge=1, le=MAX_POSTS_CEILING, description="/route/batch"
+    )
+    max_images_per_post: int = Field(default=4, ge=0, le=MAX_IMAGES_CEILING)
     max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=25_000_000, ge=1024)
     max_text_chars: int = Field(default=10_000, ge=1, description="title / OCR text, each")
@@ -84,7 +87,7 @@ class Settings(BaseSettings):
         "recall alert waits 30 min anyway",
     )
     quality_window_hours: float = Field(default=24.0, gt=0.0, le=24.0 * 365)
-    max_verdicts_per_request: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_verdicts_per_request: int = Field(default=10_000, ge=1, le=MAX_VERDICTS_CEILING)
 
     url_allowlist: list[str] = Field(default_factory=list, description="hosts image URLs may use")
     url_connect_timeout_s: float = Field(default=2.0, gt=0.0, le=60.0)
