@@ -98,6 +98,13 @@ class TooManyPostsError(ServiceError):
     code = "too_many_posts"
 
 
+class TooManyPixelsError(ServiceError):
+    """A request whose images would decode to more than `RADAR_MAX_REQUEST_PIXELS`."""
+
+    status_code = 413
+    code = "too_many_pixels"
+
+
 class FeedbackDisabledError(ServiceError):
     """`POST /feedback` without a decision log to join verdicts to."""
 

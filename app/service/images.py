@@ -8,27 +8,80 @@ import asyncio
 import base64
 import binascii
 import io
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from PIL import Image
 
 from app.model.images import ImageDecodeError, decode_rgb
-from app.service.errors import BadPostError
+from app.service.errors import BadPostError, DeadlineExceededError, TooManyPixelsError
 from app.service.fetch import FetchError, UrlFetcher
 from app.service.settings import Settings
 
 
+class PixelBudget:
+    """What one request may still decode: pixels (`RADAR_MAX_REQUEST_PIXELS`) and time.
+
+    Checked between each image's header and its pixels, so a request of many large images
+    (48 valid 5000 x 5000 PNGs, 84 KB each on the wire, ~5 GB decoded) stops at the image
+    that would pass the budget or the deadline, not after decoding them all. Spent from the
+    decode threads, hence the lock.
+    """
+
+    def __init__(self, pixels: int, deadline: float) -> None:
+        self.pixels = pixels
+        self.left = pixels
+        self.deadline = deadline  # time.monotonic()
+        self._lock = threading.Lock()
+
+    def spend(self, post_id: str, field: str, width: int, height: int) -> None:
+        if time.monotonic() >= self.deadline:
+            raise DeadlineExceededError(f"deadline passed before decoding post {post_id!r}")
+        with self._lock:
+            if width * height > self.left:
+                raise TooManyPixelsError(
+                    f"post {post_id!r}, {field}: {width}x{height} pixels would pass the "
+                    f"request's budget of {self.pixels} decoded pixels (RADAR_MAX_REQUEST_PIXELS); "
+                    "send fewer or smaller images per request"
+                )
+            self.left -= width * height
+
+
 class ImageLoader:
-    """Decodes and fetches images for one service; shares one HTTP client."""
+    """Decodes and fetches images for one service; shares one HTTP client.
+
+    Decoding runs on a pool of its own (`RADAR_DECODE_THREADS`), not the default executor:
+    a burst of large images must not delay `/feedback` or the thresholds reload, which use
+    the default one.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._fetcher = UrlFetcher(settings)
+        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def decode_base64(self, post_id: str, field: str, data: str) -> Image.Image:
+    def budget(self, deadline: float) -> PixelBudget:
+        """A fresh pixel budget for one request that ends at `deadline`."""
+        return PixelBudget(self.settings.max_request_pixels, deadline)
+
+    async def decode_inline(
+        self, post_id: str, field: str, data: str, budget: PixelBudget
+    ) -> Image.Image:
+        """`decode_base64` on the decode pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self.decode_base64, post_id, field, data, budget
+        )
+
+    def decode_base64(
+        self, post_id: str, field: str, data: str, budget: PixelBudget | None = None
+    ) -> Image.Image:
         """Decode one inline image; any problem is a 422 naming the post and field."""
         # base64 inflates by 4/3: refuse before decoding what would exceed the byte limit.
         if len(data) > self.settings.max_image_bytes * 4 // 3 + 4:
@@ -37,23 +90,29 @@ class ImageLoader:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
             raise BadPostError(post_id, field, "not valid base64") from None
-        return self.decode_bytes(post_id, field, raw)
+        return self.decode_bytes(post_id, field, raw, budget)
 
-    def decode_bytes(self, post_id: str, field: str, raw: bytes) -> Image.Image:
-        """Decode to RGB within the byte and pixel limits; problems are 422s naming the field."""
+    def decode_bytes(
+        self, post_id: str, field: str, raw: bytes, budget: PixelBudget | None = None
+    ) -> Image.Image:
+        """Decode to RGB within the byte and pixel limits (and `budget`, when given);
+        problems are 422s naming the field."""
         if len(raw) > self.settings.max_image_bytes:
             raise BadPostError(post_id, field, "image larger than the byte limit")
+        spend = None if budget is None else partial(budget.spend, post_id, field)
         try:
-            return decode_rgb(io.BytesIO(raw), self.settings.max_image_pixels)
+            return decode_rgb(io.BytesIO(raw), self.settings.max_image_pixels, before_decode=spend)
         except ImageDecodeError as exc:
             raise BadPostError(post_id, field, exc.problem) from None
 
-    async def fetch(self, post_id: str, field: str, url: str, deadline: float) -> Image.Image:
-        """Fetch an image from an allowlisted host before `deadline` (`time.monotonic()`);
-        errors cost this post only."""
+    async def fetch(self, post_id: str, field: str, url: str, budget: PixelBudget) -> Image.Image:
+        """Fetch an image from an allowlisted host before the budget's deadline, then decode
+        it on the decode pool; errors cost this post only."""
         try:
-            raw = await self._fetcher.fetch(url, deadline - time.monotonic())
+            raw = await self._fetcher.fetch(url, budget.deadline - time.monotonic())
         except FetchError as exc:
             raise BadPostError(post_id, field, str(exc)) from None
-        # Decoding is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(self.decode_bytes, post_id, field, raw)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool, self.decode_bytes, post_id, field, raw, budget
+        )

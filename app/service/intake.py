@@ -6,17 +6,18 @@ from PIL import Image
 
 from app.model.post import Post
 from app.service.errors import BadPostError
-from app.service.images import ImageLoader
+from app.service.images import ImageLoader, PixelBudget
 from app.service.schemas import ImageIn, PostIn
 from app.service.settings import Settings
 
 
 async def to_model_post(
-    post: PostIn, loader: ImageLoader, settings: Settings, deadline: float
+    post: PostIn, loader: ImageLoader, settings: Settings, budget: PixelBudget
 ) -> Post:
     """Check the post against the limits and decode its images; `BadPostError` names the field.
 
-    URL images must arrive before `deadline` (`time.monotonic()`), the request's own.
+    `budget` is the request's: its decoded pixels and its deadline (URL images must arrive
+    before it, and no image is decoded after it).
     """
     for name in ("title", "ocr_text"):
         if len(getattr(post, name)) > settings.max_text_chars:
@@ -29,7 +30,7 @@ async def to_model_post(
         )
     images = await asyncio.gather(
         *(
-            _load(post.post_id, f"images[{i}]", image, loader, deadline)
+            _load(post.post_id, f"images[{i}]", image, loader, budget)
             for i, image in enumerate(post.images)
         )
     )
@@ -37,11 +38,10 @@ async def to_model_post(
 
 
 async def _load(
-    post_id: str, field: str, image: ImageIn, loader: ImageLoader, deadline: float
+    post_id: str, field: str, image: ImageIn, loader: ImageLoader, budget: PixelBudget
 ) -> Image.Image:
     if image.data is not None:
-        # Decoding is CPU work: keep it off the event loop.
-        return await asyncio.to_thread(loader.decode_base64, post_id, f"{field}.data", image.data)
+        return await loader.decode_inline(post_id, f"{field}.data", image.data, budget)
     if image.url is None:  # the schema guarantees one of the two; be explicit anyway
         raise BadPostError(post_id, field, "neither url nor data")
-    return await loader.fetch(post_id, f"{field}.url", image.url, deadline)
+    return await loader.fetch(post_id, f"{field}.url", image.url, budget)

@@ -103,9 +103,14 @@ async def _submit(
     if state.batcher is None:
         raise RuntimeError("ready without a batcher")
     with state.batcher.admitted(len(posts), deadline):
-        model_posts = await asyncio.gather(
-            *(to_model_post(p, state.images, state.settings, deadline) for p in posts)
-        )
+        budget = state.images.budget(deadline)
+        try:
+            model_posts = await asyncio.gather(
+                *(to_model_post(p, state.images, state.settings, budget) for p in posts)
+            )
+        except DeadlineExceededError:
+            state.metrics.rejected.labels("deadline").inc()
+            raise
         futures: list[asyncio.Future[Decision]] = []
         try:
             for post in model_posts:

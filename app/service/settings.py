@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     max_images_per_post: int = Field(default=4, ge=0, le=MAX_IMAGES_CEILING)
     max_image_bytes: int = Field(default=10 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=25_000_000, ge=1024)
+    max_request_pixels: int = Field(
+        default=100_000_000,
+        ge=1024,
+        description="decoded pixels of all images of one request (RGB: 3 bytes each); the "
+        "image that would pass it is a 413 too_many_pixels",
+    )
+    decode_threads: int = Field(
+        default=2, ge=1, le=64, description="threads decoding images (a pool of their own)"
+    )
     max_text_chars: int = Field(default=10_000, ge=1, description="title / OCR text, each")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024)
 

@@ -26,7 +26,7 @@ async def test_a_repeated_key_is_refused_at_every_level_and_endpoint(running) ->
         ("/route/batch", '{"posts": [{"post_id": "a", "title": "x", "title": "y"}]}'),
         ("/feedback", '{"verdicts": [{"post_id": "a", "category": "spam", "category": "rcs"}]}'),
     ]
-    async with running(admin_token="s3cret") as (client, state):
+    async with running(admin_token="s3cret") as (client, _):
         plain = await client.post("/route", json=post("p", title=SPAM))
         for path, raw in cases:
             response = await client.post(
