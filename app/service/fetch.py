@@ -4,8 +4,9 @@ Only hosts on the allowlist; the host is resolved once, every address it resolve
 public (unless `RADAR_URL_ALLOW_PRIVATE_NETWORKS` says otherwise, for tests and private CDNs),
 and the connection goes to the checked address: the hostname travels only in `Host` and TLS
 SNI, so a DNS answer that changes between check and connect (DNS rebinding) changes nothing.
-Redirects are never followed, the bytes read are capped, and the whole fetch (DNS included)
-has one time budget, so a slow host costs its post an error in time, never the request.
+Redirects are never followed, compressed responses are refused (never inflated), the raw
+bytes read are capped, and the whole fetch (DNS included) has one time budget, so a slow
+host costs its post an error in time, never the request.
 """
 
 import asyncio
@@ -109,7 +110,10 @@ class UrlFetcher:
         request = self._get_client().build_request(
             "GET",
             pinned,
-            headers={"Host": host_header},
+            # Image files are compressed already; a compressed response would be inflated by
+            # httpx on the event loop, past the byte cap (1.8 KB sent as `gzip, gzip` became
+            # 1 GiB). Ask for the bytes as they are, and refuse any other answer below.
+            headers={"Host": host_header, "Accept-Encoding": "identity"},
             # TLS: SNI and certificate check against the hostname, not the pinned address.
             extensions={"sni_hostname": host} if parts.scheme == "https" else {},
         )
@@ -118,8 +122,15 @@ class UrlFetcher:
             if response.status_code != 200:
                 # Redirects (3xx) land here too: they are never followed.
                 raise FetchError(f"fetch failed: HTTP status {response.status_code}")
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise FetchError(f"compressed response refused (Content-Encoding: {encoding})")
+            declared = response.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise FetchError("image larger than the byte limit")
             chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
+            # Raw bytes: what came over the wire is what is counted and kept.
+            async for chunk in response.aiter_raw():
                 size += len(chunk)
                 if size > limit:  # stop reading: never hold more than the limit
                     raise FetchError("image larger than the byte limit")

@@ -5,9 +5,11 @@ A real HTTP server on loopback plays the CDN.
 
 import asyncio
 import base64
+import gzip
 import ipaddress
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +20,17 @@ from app.service.fetch import is_public
 from tests.service.conftest import png_b64, post
 
 PNG = base64.b64decode(png_b64(40, 30))
+
+
+def _gzip_bomb(inflated: int = 64 * 2**20) -> bytes:
+    """gzip of gzip of `inflated` zero bytes: 64 MiB in a few hundred bytes."""
+    inner = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    zeros = b"\0" * 2**20
+    once = b"".join(inner.compress(zeros) for _ in range(inflated // len(zeros)))
+    return gzip.compress(once + inner.flush(), compresslevel=9, mtime=0)
+
+
+GZIP_BOMB = _gzip_bomb()
 
 
 class _CDN(BaseHTTPRequestHandler):
@@ -31,6 +44,8 @@ class _CDN(BaseHTTPRequestHandler):
             self._send(200, PNG)
         elif self.path == "/big.png":
             self._send(200, PNG + b"\0" * 200_000)
+        elif self.path in ("/bomb.png", "/bomb-chunked.png"):
+            self._bomb(chunked=self.path == "/bomb-chunked.png")
         elif self.path == "/redirect":
             self.send_response(302)
             self.send_header("Location", "http://elsewhere.example/cat.png")
@@ -51,6 +66,20 @@ class _CDN(BaseHTTPRequestHandler):
                 time.sleep(0.1)
         except OSError:  # the router hung up: that is the point
             pass
+
+    def _bomb(self, chunked: bool) -> None:
+        """A few hundred bytes that inflate to 64 MiB, gzip twice over: `Content-Encoding: gzip, gzip`."""
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Encoding", "gzip, gzip")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(GZIP_BOMB), GZIP_BOMB))
+        else:
+            self.send_header("Content-Length", str(len(GZIP_BOMB)))
+            self.end_headers()
+            self.wfile.write(GZIP_BOMB)
 
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -92,6 +121,8 @@ async def test_allowlisted_url_is_fetched_and_scored(running, cdn) -> None:
         ("/redirect", ["127.0.0.1"], "HTTP status 302"),
         ("/missing", ["127.0.0.1"], "HTTP status 404"),
         ("/big.png", ["127.0.0.1"], "larger than the byte limit"),
+        ("/bomb.png", ["127.0.0.1"], "compressed response refused (Content-Encoding: gzip, gzip)"),
+        ("/bomb-chunked.png", ["127.0.0.1"], "compressed response refused"),
     ],
 )
 async def test_refused_urls_are_422_naming_post_and_field(running, cdn, path, allow, problem):
