@@ -68,7 +68,7 @@ class _CDN(BaseHTTPRequestHandler):
             pass
 
     def _bomb(self, chunked: bool) -> None:
-        """A few hundred bytes that inflate to 64 MiB, gzip twice over: `Content-Encoding: gzip, gzip`."""
+        """A few hundred bytes that inflate to 64 MiB: `Content-Encoding: gzip, gzip`."""
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Encoding", "gzip, gzip")
