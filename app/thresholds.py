@@ -21,7 +21,35 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 log = logging.getLogger(__name__)
 
 # Bounded label values for the reload-failure metric.
-RefusalReason = Literal["unreadable", "yaml", "schema", "categories", "model_version"]
+RefusalReason = Literal[
+    "unreadable", "too_large", "yaml", "schema", "categories", "model_version", "version_reused"
+]
+
+# A thresholds file is a few KB; one of 20 MB took 30 s to parse and slowed `/route` to a p50
+# of 1 s while it did. Larger files are refused before they are parsed.
+MAX_THRESHOLDS_BYTES = 1 << 20
+
+# libyaml's parser where PyYAML was built with it (the wheels are), else the pure-Python one.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """yaml's safe loader, refusing a mapping that repeats a key.
+
+    PyYAML keeps the last of repeated keys, so a second `smear:` entry would silently
+    replace the first one's tau.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} repeated in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 class ThresholdsError(Exception):
@@ -38,9 +66,13 @@ class ThresholdsError(Exception):
 
 
 class CategoryThreshold(BaseModel):
-    """`tau` decides (dispatch iff p > tau); the rest records how it was calibrated."""
+    """`tau` decides (dispatch iff p > tau); the rest records how it was calibrated.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Strict types: YAML reads `tau: on` as true, which lax validation would take as 1.0 (that
+    category never dispatched), and `"0.9"` would be coerced; both are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     tau: float = Field(ge=0.0, le=1.0)
     recall_target: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -59,7 +91,7 @@ class CategoryThreshold(BaseModel):
 class ThresholdsFile(BaseModel):
     """The whole YAML document."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     version: str = Field(min_length=1, max_length=128)
     model_version: str = Field(min_length=1, max_length=128)
@@ -86,7 +118,7 @@ class ActiveThresholds:
 def parse_thresholds(text: bytes, source: str = "<thresholds>") -> ThresholdsFile:
     """Parse YAML bytes into a `ThresholdsFile`; every failure is a `ThresholdsError`."""
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
         raise ThresholdsError("yaml", source, f"not valid YAML: {exc}") from None
     if not isinstance(document, dict):
@@ -126,7 +158,8 @@ def validate_for_model(
 def read_thresholds_file(path: Path) -> bytes:
     """The file's bytes; any failure is a `ThresholdsError` with reason `unreadable`."""
     try:
-        return Path(path).read_bytes()
+        with Path(path).open("rb") as handle:
+            raw = handle.read(MAX_THRESHOLDS_BYTES + 1)
     except PermissionError:
         # Not "missing": a file (or directory) with the wrong owner or mode says so.
         problem = "permission denied: this process may not read the file"
@@ -135,6 +168,10 @@ def read_thresholds_file(path: Path) -> bytes:
         raise ThresholdsError("unreadable", str(path), "no such file") from None
     except OSError as exc:
         raise ThresholdsError("unreadable", str(path), f"cannot read: {exc.strerror}") from None
+    if len(raw) > MAX_THRESHOLDS_BYTES:
+        problem = f"larger than {MAX_THRESHOLDS_BYTES} bytes: not a thresholds file"
+        raise ThresholdsError("too_large", str(path), problem)
+    return raw
 
 
 def load_thresholds(path: Path, categories: Sequence[str], model_version: str) -> ActiveThresholds:
@@ -175,6 +212,7 @@ class ThresholdsStore:
         self.last_error: ThresholdsError | None = None
         self._lock = threading.Lock()
         self._last_stat: tuple[int, int, int, int] | None = None
+        self._pending_stat: tuple[int, int, int, int] | None = None  # changed, not yet stable
 
     def reload(self) -> ReloadResult:
         """Load the file now; keep the active thresholds if it is refused."""
@@ -191,17 +229,44 @@ class ThresholdsStore:
                     exc,
                 )
                 return ReloadResult("refused", self.active, exc.reason, exc.problem)
-            self.last_error = None
             if self.active is not None and fresh.digest == self.active.digest:
+                self.last_error = None
                 return ReloadResult("unchanged", self.active)
+            if self.active is not None and fresh.version == self.active.version:
+                # The version is what decisions, metrics and audits are labelled with: new
+                # content under an old version would make two sets of taus one version.
+                exc = ThresholdsError(
+                    "version_reused",
+                    str(self.path),
+                    f"content changed but version is still {fresh.version!r}: give the new "
+                    "thresholds a new version",
+                )
+                self.last_error = exc
+                log.error("thresholds refused (%s); keeping %s: %s", exc.reason, fresh.version, exc)
+                return ReloadResult("refused", self.active, exc.reason, exc.problem)
+            self.last_error = None
             log.info("thresholds version %s active (model %s)", fresh.version, fresh.model_version)
             self.active = fresh
             return ReloadResult("changed", fresh)
 
     def reload_if_modified(self) -> ReloadResult | None:
-        """Poll step: reload only when the file changed since the last try (see `_stat`)."""
-        if self._stat() == self._last_stat:
+        """Poll step: reload once the file has changed since the last try (see `_stat`) and
+        then stayed the same for one more poll.
+
+        A file written in place in several steps is seen between them by a poll that falls
+        there (`smear` went live at 0.8, then 0.8656, under one version): waiting for two
+        polls that agree applies it only once the writer has stopped. Atomic replaces
+        (`write_atomically`, `radar thresholds promote`) are whole at once; they wait one
+        poll too. `reload()` (start-up, the admin endpoint) reads the file at once.
+        """
+        stat = self._stat()
+        if stat == self._last_stat:
+            self._pending_stat = None
             return None
+        if stat != self._pending_stat:
+            self._pending_stat = stat  # changed: look again at the next poll
+            return None
+        self._pending_stat = None
         return self.reload()
 
     def _stat(self) -> tuple[int, int, int, int] | None:

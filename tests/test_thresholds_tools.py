@@ -263,6 +263,7 @@ def test_a_running_service_picks_up_the_promoted_file(
     assert candidate.stat().st_size == active.stat().st_size
     os.utime(candidate, ns=(active.stat().st_atime_ns, active.stat().st_mtime_ns))
     assert main(["thresholds", "promote", str(candidate), "--to", str(active)]) == 0
+    assert store.reload_if_modified() is None  # seen; applied at the next poll
     result = store.reload_if_modified()
     assert result is not None and result.status == "changed"
     assert result.active.version == "tiny-2" and result.active.taus["lqc"] == 0.3

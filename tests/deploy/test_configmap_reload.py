@@ -58,11 +58,13 @@ def test_configmap_update_is_reloaded_and_a_bad_one_refused(tmp_path: Path) -> N
     assert store.reload_if_modified() is None  # nothing new: no reload
 
     volume.publish(document("v2", 0.7))
+    assert store.reload_if_modified() is None  # seen; applied at the next poll
     result = store.reload_if_modified()
     assert result is not None
     assert (result.status, store.active.version if store.active else None) == ("changed", "v2")
 
     volume.publish(document("v3", "high"))  # invalid: refused, v2 stays
+    assert store.reload_if_modified() is None
     refused = store.reload_if_modified()
     assert refused is not None
     assert (refused.status, refused.reason) == ("refused", "schema")
