@@ -196,7 +196,7 @@ class Trainer:
         rate = self._rate(started, samples_at_start)
         self._validate()  # the last step, unless an epoch's end just did
         self._select_best()
-        self._save_final(rate)
+        self._save_final(rate, time.perf_counter() - started)
         state = self.state
         selected = state.best_step if state.best_step is not None else state.step
         return TrainResult(
@@ -384,7 +384,7 @@ class Trainer:
                 self.best_weights = load_file(str(directory / BEST_FILE))
         log.info("resumed from %s at step %d", directory, state.step)
 
-    def _save_final(self, samples_per_s: float) -> None:
+    def _save_final(self, samples_per_s: float, seconds: float) -> None:
         if self.cfg.record_seen:
             seen_dir = self.cfg.out / "seen"
             seen_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +413,8 @@ class Trainer:
             "epochs_completed": state.epoch,
             "stopped_early": state.stopped_early,
             "samples_per_s": round(samples_per_s, 2),
+            # Wall time of this run (of its last leg when resumed), validation included.
+            "seconds": round(seconds, 1),
             "processes": self.accelerator.num_processes,
             # The saved weights: the best validation's step (null without validation: the last).
             "selected": selected,

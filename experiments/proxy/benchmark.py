@@ -17,6 +17,7 @@ Every ordering claim gets a paired-bootstrap interval over the test posts.
 import argparse
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from app.data.records import fingerprint
 from app.evaluation.bootstrap import PairedBootstrap
 from app.evaluation.evaluate import ScoredData, score_data
 from app.model.store import copy_router
 from app.training.config import TrainConfig
 from app.training.teach import teach
-from app.training.trainer import train
+from app.training.trainer import CONFIG_FILE, train
 from experiments.proxy.baselines import TFIDF, ScoreMatrix, router_scores, tfidf_scores
 from experiments.proxy.data import build_proxy_dataset
 from experiments.proxy.results import (
@@ -42,6 +44,11 @@ from experiments.proxy.results import (
 )
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The λ sweep's side points: with `--sweep-max-posts` they train on a documented subset, while
+# the main rows (no mask, λ = 0, λ = 0.5) and the shipped router train on everything.
+SWEEP_ONLY = (0.25, 0.75, 1.0)
+# The memes (smear) have ~700 training posts: one epoch is too few steps for their expert.
+EXPERT_EPOCHS = {"smear": 3}
 
 
 @dataclass
@@ -58,7 +65,13 @@ class Benchmark:
     lr: float
     head_lr: float
     previous_router: Path | None = None  # the router shipped before this run, if any
+    full_finetune: bool = False  # every weight of the text encoder trained, not LoRA
+    sweep_max_posts: int = 0  # λ ∈ SWEEP_ONLY trained on the first N posts (0: all)
+    reuse: bool = True  # keep a training run whose output matches (see `finished_run`)
+    data_dir: Path | None = None  # where the splits are built (default: <out>/data)
+    command: str = "python -m experiments.proxy.benchmark --out runs/proxy --ship"
     timings: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, float | None] = field(default_factory=dict)  # stage → its own time
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     thresholds: dict[str, ThresholdCheck] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -72,21 +85,37 @@ class Benchmark:
         print(f"[{name}] {self.timings[name]:.0f} s", flush=True)
         return result
 
+    @property
+    def data(self) -> Path:
+        return self.data_dir if self.data_dir is not None else self.out / "data"
+
     def train_config(self, data: Path, out: Path, **extra: Any) -> TrainConfig:
         return TrainConfig(
             data=data,
-            val=self.out / "data" / "val.jsonl",
+            val=self.data / "val.jsonl",
             model_config_path=self.model_config,
             out=out,
-            epochs=self.epochs,
+            epochs=extra.pop("epochs", self.epochs),
             batch_size=self.batch_size,
             lr=self.lr,
             head_lr=self.head_lr,
             seed=self.seed,
             log_every=20,
             feature_cache=self.feature_cache,
+            full_finetune=self.full_finetune,
+            progress=False,
             **extra,
         )
+
+    def train_stage(self, name: str, cfg: TrainConfig) -> None:
+        """Train as `cfg` says, or keep a finished run of the same settings and data."""
+        if self.reuse and (found := finished_run(cfg)) is not None:
+            self.reused[name] = found.get("seconds")
+            took = self.reused[name]
+            when = f"{took:.0f} s" if took else "time not recorded"
+            print(f"[{name}] reused {cfg.out} ({when})", flush=True)
+            return
+        self.timed(name, lambda: train(cfg))
 
     @property
     def feature_cache(self) -> Path:
@@ -95,26 +124,60 @@ class Benchmark:
         return self.out / "feature-cache"
 
 
+# Settings that change what a training run computes; the rest (paths, logging, progress, the
+# feature cache: cached and fresh features are the same floats) does not.
+# `model_version` is a label written into router.json, not part of the computation.
+_NOT_COMPARED = {
+    "data",
+    "val",
+    "out",
+    "feature_cache",
+    "progress",
+    "log_every",
+    "resume",
+    "model_version",
+}
+
+
+def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The provenance of a finished run in `cfg.out` with the same settings and the same data
+    and validation bytes (fingerprints), or None: then the stage trains afresh."""
+    saved_path = cfg.out / CONFIG_FILE
+    if not saved_path.is_file() or not (cfg.out / "router.json").is_file():
+        return None
+    saved = json.loads(saved_path.read_text())
+    wanted = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_COMPARED}
+    kept = {k: v for k, v in saved.get("config", {}).items() if k not in _NOT_COMPARED}
+    if kept != wanted or saved.get("data_fingerprint") != fingerprint([cfg.data]):
+        return None
+    if cfg.val is not None and saved.get("val_fingerprint") != fingerprint([cfg.val]):
+        return None
+    return saved
+
+
 def run(bench: Benchmark) -> None:
     """Every stage in order; the measurements land in `bench`."""
     previous = _keep_previous_router(bench)
-    data = bench.out / "data"
+    data = bench.data
     manifest = bench.timed(
         "data",
         lambda: build_proxy_dataset(
-            bench.shared, data, seed=bench.seed, max_per_source=bench.max_per_source
+            bench.shared, data, seed=bench.seed, max_per_source=bench.max_per_source or None
         ),
     )
     bench.manifest = manifest.model_dump(mode="json")
     categories = tuple(manifest.categories)
     experts = [bench.out / f"expert-{c}" for c in categories]
     for category, directory in zip(categories, experts, strict=True):
-        bench.timed(
+        bench.train_stage(
             f"expert {category}",
-            lambda c=category, d=directory: train(
-                bench.train_config(
-                    data / "train.jsonl", d, categories=(c,), lam=0.0, model_version=f"expert-{c}"
-                )
+            bench.train_config(
+                data / "train.jsonl",
+                directory,
+                categories=(category,),
+                lam=0.0,
+                model_version=f"expert-{category}",
+                epochs=EXPERT_EPOCHS.get(category, bench.epochs),
             ),
         )
     taught = data / "train.teach.jsonl"
@@ -133,17 +196,17 @@ def run(bench: Benchmark) -> None:
     for name, directory in routers.items():
         lam = 0.0 if name == "BCE w/o mask" else float(name[2:])
         source = taught if lam > 0 else data / "train.jsonl"
-        bench.timed(
+        if lam in SWEEP_ONLY and bench.sweep_max_posts:
+            source = _first_posts(taught, bench.sweep_max_posts)
+        bench.train_stage(
             f"train {name}",
-            lambda s=source, d=directory, lam=lam, n=name: train(
-                bench.train_config(
-                    s,
-                    d,
-                    lam=lam,
-                    use_mask=n != "BCE w/o mask",
-                    categories=categories,
-                    model_version=f"proxy-{d.name}",
-                )
+            bench.train_config(
+                source,
+                directory,
+                lam=lam,
+                use_mask=name != "BCE w/o mask",
+                categories=categories,
+                model_version=f"proxy-{directory.name}",
             ),
         )
     test = data / "test.jsonl"
@@ -193,6 +256,16 @@ def run(bench: Benchmark) -> None:
     bench.orderings = bench.timed(
         "paired bootstrap", lambda: ordering_bootstraps(bench.scores, seed=bench.seed)
     )
+
+
+def _first_posts(path: Path, n: int) -> Path:
+    """The first `n` lines of `path` (the splits are shuffled already), written beside it."""
+    subset = path.with_name(f"{path.stem}.first{n}.jsonl")
+    with path.open("rb") as source:
+        lines = [line for _, line in zip(range(n), source, strict=False)]
+    if not subset.is_file() or subset.read_bytes() != b"".join(lines):
+        subset.write_bytes(b"".join(lines))
+    return subset
 
 
 def _keep_previous_router(bench: Benchmark) -> Path | None:
@@ -259,17 +332,48 @@ def main(argv: list[str] | None = None) -> None:
         "--max-per-source",
         type=int,
         default=500,
-        help="posts kept per source dataset before splitting (500)",
+        help="posts kept per source dataset before splitting (500; 0: every post)",
     )
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per training run (1)")
+    parser.add_argument(
+        "--epochs", type=int, default=1, help="epochs per training run (1; smear's expert: 3)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="batch size (16)")
+    parser.add_argument(
+        "--full-finetune",
+        action="store_true",
+        help="train every weight of the text encoder instead of a LoRA adapter (experts and "
+        "routers); its default lrs are 5e-5 and 1e-3",
+    )
     parser.add_argument(
         "--lr",
         type=float,
-        default=5e-4,
-        help="LoRA lr (5e-4: the paper's 1e-5 is for 800k samples, ours are ~4k)",
+        default=None,
+        help="backbone lr (LoRA: 5e-4, the paper's 1e-5 is for 800k samples, ours are ~4k; "
+        "--full-finetune: 5e-5)",
     )
-    parser.add_argument("--head-lr", type=float, default=1e-2, help="MLP + heads lr (1e-2)")
+    parser.add_argument(
+        "--head-lr", type=float, default=None, help="MLP + heads lr (1e-2; --full-finetune: 1e-3)"
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="where the splits are built (default <out>/data); e.g. an existing "
+        "`experiments.proxy.data` output, so that runs trained on it are reused",
+    )
+    parser.add_argument(
+        "--sweep-max-posts",
+        type=int,
+        default=0,
+        help="train λ = 0.25, 0.75, 1 on the first N training posts (0: all); the main rows "
+        "and the shipped router always train on everything",
+    )
+    parser.add_argument(
+        "--no-reuse",
+        action="store_true",
+        help="train every stage afresh (default: keep a finished run in the work directory "
+        "whose settings and data fingerprints match)",
+    )
     parser.add_argument(
         "--results",
         type=Path,
@@ -303,9 +407,18 @@ def main(argv: list[str] | None = None) -> None:
         max_per_source=args.max_per_source,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
-        head_lr=args.head_lr,
+        lr=args.lr if args.lr is not None else (5e-5 if args.full_finetune else 5e-4),
+        head_lr=args.head_lr
+        if args.head_lr is not None
+        else (1e-3 if args.full_finetune else 1e-2),
         previous_router=None if args.no_previous_router else args.previous_router,
+        full_finetune=args.full_finetune,
+        sweep_max_posts=args.sweep_max_posts,
+        reuse=not args.no_reuse,
+        data_dir=args.data,
+        command=" ".join(["python -m experiments.proxy.benchmark", *sys.argv[1:]])
+        if argv is None
+        else " ".join(["python -m experiments.proxy.benchmark", *argv]),
     )
     started = time.perf_counter()
     bench.timed("total", lambda: run(bench))

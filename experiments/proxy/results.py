@@ -215,20 +215,45 @@ def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> P
     splits = bench.manifest.get("splits", {})
     sizes = ", ".join(f"{name} {split.get('posts', '?'):,}" for name, split in splits.items())
     timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in bench.timings.items())
+    reused = ", ".join(
+        f"{name} ({f'{seconds:.0f} s' if seconds else 'time not recorded'})"
+        for name, seconds in bench.reused.items()
+    )
     text = [
         "# Proxy benchmark: the paper's method on public moderation data",
         "",
-        "Made by `python -m experiments.proxy.benchmark --out runs/proxy --ship` "
+        f"Made by `{bench.command}` "
         f"(seed {bench.seed}, `--max-per-source {bench.max_per_source}`, {bench.epochs} epoch(s), "
-        f"batch {bench.batch_size}, lr {bench.lr:g} for LoRA, {bench.head_lr:g} for MLP + heads, "
+        f"batch {bench.batch_size}, lr {bench.lr:g} for the "
+        f"{'whole text encoder (full fine-tuning)' if bench.full_finetune else 'LoRA adapter'}, "
+        f"{bench.head_lr:g} for MLP + heads, "
         f"cosine schedule, 20 % warm-up) on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}). Backbone: "
         f"`{bench.model_config}` (all-MiniLM-L6-v2 + EfficientNet-Lite0, real weights; "
-        "LoRA r 16 on the text encoder; 64 text tokens). Data: `docs/proxy_data.md`; "
-        f"split sizes: {sizes} posts (per category and source: `runs/proxy/data/manifest.json`).",
+        f"{'all text-encoder weights trained' if bench.full_finetune else 'LoRA r 16'}; "
+        "64 text tokens). Data: `docs/proxy_data.md`; "
+        f"split sizes: {sizes} posts (per category and source: `{bench.data}/manifest.json`).",
         "",
         f"Time: {timing}.",
         "",
+        *(
+            [
+                f"Reused from earlier runs in the work directory (same settings and data "
+                f"fingerprints; their own training time): {reused}.",
+                "",
+            ]
+            if reused
+            else []
+        ),
+        *(
+            [
+                f"λ = 0.25, 0.75 and 1 trained on the first {bench.sweep_max_posts:,} training "
+                "posts only (`--sweep-max-posts`); no mask, λ = 0 and λ = 0.5 on all of them.",
+                "",
+            ]
+            if bench.sweep_max_posts
+            else []
+        ),
         "Percent; each category on its own annotated test posts (DESIGN.md, Metrics). "
         "Paper figures are averages over its 3 industrial categories, for orientation only: "
         "other data, other positives rates (ours 9–52 %, theirs 3–5 %), other backbones.",

@@ -20,7 +20,7 @@ from app.model.tiny_encoders import (
     make_tiny_text_encoder_dir,
 )
 from app.thresholds import load_thresholds
-from experiments.proxy.benchmark import Benchmark, run, ship
+from experiments.proxy.benchmark import EXPERT_EPOCHS, Benchmark, finished_run, run, ship
 from experiments.proxy.results import ORDERINGS, write_results
 from experiments.proxy.sources import CATEGORIES
 
@@ -51,18 +51,19 @@ def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
     # The "previously shipped" router: a random tiny one with the proxy's categories, which
     # `ship` below must not disturb once the run has copied it aside.
     previous = make_tiny_router(tmp_path / "previous", categories=CATEGORIES, seed=1)
-    bench = Benchmark(
-        out=tmp_path / "run",
-        shared=SHARED,
-        model_config=tmp_path / "config",
-        seed=0,
-        max_per_source=40,
-        epochs=1,
-        batch_size=16,
-        lr=1e-3,
-        head_lr=1e-2,
-        previous_router=previous,
-    )
+    bench_settings = {
+        "out": tmp_path / "run",
+        "shared": SHARED,
+        "model_config": tmp_path / "config",
+        "seed": 0,
+        "max_per_source": 40,
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "head_lr": 1e-2,
+        "previous_router": previous,
+    }
+    bench = Benchmark(**bench_settings)
     run(bench)
     # Experts, teach, seven routers, evaluation and calibration share one image encoder:
     # with the run's feature cache every distinct image went through it exactly once.
@@ -99,6 +100,25 @@ def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
         assert all(d.verdict in {"holds", "not shown", "reversed"} for d in result.differences)
     assert "Does our ordering match" in text and "does NOT hold" not in text
     assert (tmp_path / "run" / "previous-router" / "router.json").is_file()
+    # Run again in the same work directory: every training stage is kept (same settings,
+    # same data fingerprints), with its own recorded time; a changed setting trains afresh.
+    again = Benchmark(**{**bench_settings, "sweep_max_posts": 0})
+    run(again)
+    assert set(again.reused) == {f"expert {c}" for c in categories} | {
+        f"train {name}" for name in ("BCE w/o mask", "λ=0", "λ=0.25", "λ=0.5", "λ=0.75", "λ=1")
+    }
+    assert all(seconds and seconds > 0 for seconds in again.reused.values())
+    assert "Reused from earlier runs" in write_results(again, tmp_path / "again.md").read_text()
+    expert = again.train_config(
+        again.data / "train.jsonl",
+        again.out / f"expert-{categories[0]}",
+        categories=(categories[0],),
+        lam=0.0,
+        epochs=EXPERT_EPOCHS.get(categories[0], again.epochs),
+    )
+    assert finished_run(expert) is not None
+    assert finished_run(expert.model_copy(update={"lr": 2e-3})) is None
+    assert finished_run(expert.model_copy(update={"data": again.data / "val.jsonl"})) is None
     ship(bench, tmp_path / "store", tmp_path / "proxy.yaml")
     router = load_router(tmp_path / "store")
     active = load_thresholds(
