@@ -23,7 +23,6 @@ from app.data.records import (
 from app.data.scoring import predict
 from app.evaluation.metrics import evaluate_scores
 from app.model.config import RouterConfig, read_config_file
-from app.model.post import Post
 from app.model.router import Router
 from app.model.store import finetuned_parameters, new_router, relocate_config
 from app.training.config import TrainConfig
@@ -124,27 +123,6 @@ def enable_gradient_checkpointing(router: Router) -> None:
         if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
             module.gradient_checkpointing_enable({"use_reentrant": False})
             module.enable_input_require_grads()
-
-
-def text_lengths(router: Router, dataset: PostDataset, chunk: int = 1024) -> list[int]:
-    """Tokens of each post's text as the router's input builder counts them, truncation
-    included: the length a batch pads to. Images are left out, so nothing is decoded.
-
-    One pass of the tokenizer over the data set, about what collating one epoch costs in
-    tokenisation; character counts are cheaper but sort badly (on 1,000 proxy posts, batches
-    of 32 were 77 % real tokens sorted by characters, 97 % sorted by tokens, 47 % unsorted).
-    """
-    records = dataset.records
-    lengths: list[int] = []
-    for start in range(0, len(records), chunk):
-        part = records[start : start + chunk]
-        posts = [Post(title=r.record.title, ocr_text=r.record.ocr_text) for r in part]
-        mask = router.build_inputs(posts).get("attention_mask")
-        if mask is None:  # a backbone without a mask: characters stand in
-            lengths.extend(len(post.text()) for post in posts)
-        else:
-            lengths.extend(int(n) for n in mask.sum(dim=1).tolist())
-    return lengths
 
 
 class LengthBucketSampler(Sampler[list[int]]):

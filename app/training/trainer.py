@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from app.data.records import fingerprint
+from app.data.scoring import text_lengths
 from app.model.router import Router
 from app.model.store import save_router
 from app.training.config import TrainConfig
@@ -42,7 +43,6 @@ from app.training.loop_parts import (
     restore_weights,
     selection_value,
     start_router,
-    text_lengths,
     trainable_weights,
     validate,
 )
