@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Connection, Engine, Integer, Table, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from app.feedback.schema import decisions, describe, driver_message, feedback, open_log
 
@@ -101,6 +101,11 @@ class DecisionLog:
         self.dropped = Counter(
             "radar_decision_log_dropped",
             "Decisions not logged because the writer fell behind.",
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "radar_decision_log_rejected_rows",
+            "Decision rows the database refused (set aside so the rows behind them are logged).",
             registry=registry,
         )
         self.verdicts = Counter(
@@ -184,14 +189,42 @@ class DecisionLog:
         # A stable sort: of two records for one key (a retry in the same batch), the later
         # is written last and wins, as it did in the buffer.
         rows = sorted(batch, key=lambda r: (r.post_id, r.category))
-        try:
-            with self._write_lock, self._engine.begin() as conn:
-                # The records go to the driver as the tuples they are: SQLAlchemy's per-row
-                # parameter processing would cost 3-4x the CPU, on the service's GIL.
-                conn.exec_driver_sql(_upsert_sql(decisions, conn.dialect.paramstyle), rows)
-        except SQLAlchemyError:
-            self._pending.extendleft(reversed(batch))  # retried at the next flush
-            raise
+        # A row the database refuses (a NUL in text on PostgreSQL, a NULL where none may be)
+        # fails its whole transaction, and retried forever it would stop the log for good: the
+        # batch is halved until the refused rows stand alone, and those are set aside and
+        # counted. Any other failure (the database down, the disk full) keeps every row not
+        # yet written buffered, in order, for the next flush.
+        parts = [rows]
+        while parts:
+            part = parts.pop()
+            try:
+                self._write(part)
+            except (DataError, IntegrityError) as exc:
+                if len(part) > 1:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]  # the first half next
+                    continue
+                self.rejected.inc()
+                log.error(
+                    "decision log %s: row refused, set aside: post %r, category %r: %s",
+                    self.where,
+                    part[0].post_id,
+                    part[0].category,
+                    driver_message(exc),
+                )
+            except SQLAlchemyError:
+                unwritten = part + [row for rest in reversed(parts) for row in rest]
+                self._pending.extendleft(reversed(unwritten))  # retried at the next flush
+                raise
+
+    def _write(self, rows: Sequence[DecisionRecord]) -> None:
+        """Upsert `rows` (sorted by key) in one transaction."""
+        if self._engine is None:
+            raise DecisionLogError("the decision log is not open")
+        with self._write_lock, self._engine.begin() as conn:
+            # The records go to the driver as the tuples they are: SQLAlchemy's per-row
+            # parameter processing would cost 3-4x the CPU, on the service's GIL.
+            conn.exec_driver_sql(_upsert_sql(decisions, conn.dialect.paramstyle), list(rows))
 
     def prune(self, now: float | None = None) -> None:
         """Drop decisions and verdicts older than the retention, then the oldest decisions
