@@ -6,12 +6,19 @@ waits behind those is answered late even when it is admitted. This middleware is
 thing a request meets: it stamps the arrival time (the request's deadline counts from
 there) and, when the queue's expected wait already exceeds the time the request would
 have, answers 503 + Retry-After without reading the body: refusing costs microseconds.
+
+A request counts toward admission (`in_flight`) only once its whole body has arrived, and the
+body must arrive before the request's deadline (408 `body_timeout` otherwise, connection
+closed). Counted from its headers on, 40 connections that sent headers and part of a body
+and then stalled made every `/route` answer 503 `overloaded` with the queue empty, for as
+long as they stayed open; uvicorn itself has no timeout on reading a body.
 """
 
+import asyncio
 import json
 import time
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.service.errors import RetryableError
 from app.service.state import ServiceState
@@ -39,19 +46,81 @@ class Admission:
         except RetryableError as exc:
             await _refuse(send, exc)
             return
+        try:
+            async with asyncio.timeout_at(_loop_time(self.state.deadline(arrived))):
+                body = await _read_body(receive)
+        except TimeoutError:
+            self.state.metrics.rejected.labels("body_timeout").inc()
+            problem = "request body not received before the deadline"
+            await _respond(send, 408, "body_timeout", problem, close=True)
+            return
+        except ClientDisconnected:
+            self.state.metrics.rejected.labels("client_gone").inc()
+            return
         self.in_flight += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, _replay(body, receive), send)
         finally:
             self.in_flight -= 1
 
 
+def _loop_time(monotonic_deadline: float) -> float:
+    """A `time.monotonic()` instant on the event loop's clock (`asyncio.timeout_at`)."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body. The size limit applies as it streams: `BodySizeLimit` wraps
+    this middleware and counts the bytes of the `receive` it hands in."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class ClientDisconnected(Exception):
+    """The caller hung up before its body arrived: nobody is left to answer."""
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands the app the body read already, then the connection's own
+    messages (the disconnect the routes watch for)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
 async def _refuse(send: Send, exc: RetryableError) -> None:
-    body = json.dumps({"error": exc.code, "detail": exc.message}).encode()
-    headers = [
+    await _respond(send, exc.status_code, exc.code, exc.message, headers=exc.headers())
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    close: bool = False,
+) -> None:
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    raw_headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in exc.headers().items()),
+        *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
     ]
-    await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
+    if close:  # the rest of the body was never read: the connection cannot be reused
+        raw_headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": body})

@@ -49,8 +49,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.radar = state
     app.include_router(router)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Admission, state=state)  # added last: the outermost, first to see
+    app.add_middleware(Admission, state=state)
+    # Added last, the outermost: it counts the bytes of every body as it streams, including
+    # the routing bodies that admission reads whole before the app runs.
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        on_reject=lambda: state.metrics.rejected.labels("body_too_large").inc(),
+    )
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)

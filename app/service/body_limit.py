@@ -1,6 +1,7 @@
 """Refuse request bodies over a size limit with 413, before they are read whole."""
 
 import json
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,9 +25,12 @@ class BodySizeLimit:
     most one chunk past the limit is ever held.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_reject = on_reject  # counts a 413 this middleware answers itself
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,11 +60,14 @@ class BodySizeLimit:
         try:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLargeError:
-            # Only reached when something read the body outside the app's exception handling.
+            # Reached when the body was read outside the app's exception handling: by the
+            # admission middleware, which reads routing bodies whole before the app runs.
             if not started:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
+        if self.on_reject is not None:
+            self.on_reject()
         body = json.dumps(
             {"error": "body_too_large", "detail": f"request body over {self.max_bytes} bytes"}
         ).encode()

@@ -42,7 +42,9 @@ RejectReason = Literal[
     "invalid_request",
     "bad_post",
     "too_many_posts",
+    "too_many_pixels",
     "body_too_large",
+    "body_timeout",
 ]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

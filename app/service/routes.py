@@ -206,9 +206,10 @@ async def healthz() -> dict[str, str]:
 async def readyz(state: State) -> JSONResponse:
     """Readiness: model loaded and warm, thresholds valid, batcher running, not stopping."""
     state.refresh_readiness()
+    reason = "shutting down" if state.draining else state.not_ready_reason
     body = ReadyStatus(
-        ready=state.not_ready_reason is None,
-        reason=state.not_ready_reason,
+        ready=reason is None,
+        reason=reason,
         model_version=state.router.config.model_version if state.router else None,
         thresholds_version=(
             state.thresholds.active.version

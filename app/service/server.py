@@ -14,9 +14,13 @@ policy, forwards on the model thread stalled ~1 s each for the first seconds on 
 and image decoding between forwards.
 """
 
+import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -25,20 +29,124 @@ import uvicorn
 from app.service.settings import Settings
 
 STARTUP_FAILURE = 3  # uvicorn's own exit status when the lifespan start-up fails
+MAX_HEADER_BYTES = 16 * 1024
+
+log = logging.getLogger(__name__)
+
+
+class GuardedServer(uvicorn.Server):
+    """`uvicorn.Server` that closes connections holding no request for too long.
+
+    uvicorn times out neither a request's headers nor an idle connection that has started
+    sending some: a connection that sends part of its headers and stalls is held forever
+    (20,000 of them used every file descriptor, and new clients got EPIPE with nothing
+    logged). Twice a second this looks at every connection: one that is not inside a request
+    (headers incomplete, or between requests) for more than `header_timeout_s` is closed.
+    A request's body is bounded by its deadline in `app.service.admission`.
+
+    It reads uvicorn's per-connection `cycle` (the request in progress; the same attribute
+    in its h11 and httptools protocols), the one internal this relies on; the tests that run
+    a real uvicorn (tests/service/test_slow_clients.py) would fail if it changed.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        header_timeout_s: float,
+        *,
+        grace_s: float = 0.0,
+        on_draining: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.header_timeout_s = header_timeout_s
+        self.closed_stalled = 0  # connections closed for holding no request too long
+        self._idle_since: dict[object, float] = {}
+        self.grace_s = grace_s
+        self.on_draining = on_draining
+        self._exit_at: float | None = None  # set by the first SIGTERM: when to stop accepting
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """SIGTERM / SIGINT: fail readiness at once, keep serving for `grace_s`, then stop.
+
+        Stopping to accept at the signal (uvicorn's way) resets the connections the kernel
+        had accepted already, 20-24 of them under load, while load balancers still send
+        traffic until they see readiness fail. A second signal stops at once.
+        """
+        if self.grace_s > 0 and self._exit_at is None and not self.should_exit:
+            self._exit_at = time.monotonic() + self.grace_s
+            log.info(
+                "stopping in %g s: readiness fails now, requests are still served", self.grace_s
+            )
+            if self.on_draining is not None:
+                self.on_draining()
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if counter % 5 == 0:
+            self.close_stalled(time.monotonic())
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
+
+    def close_stalled(self, now: float) -> int:
+        """Close connections idle or still sending headers for over `header_timeout_s`."""
+        idle_since: dict[object, float] = {}
+        closed = 0
+        for connection in list(self.server_state.connections):
+            cycle = getattr(connection, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                continue  # inside a request: its deadline bounds it
+            since = idle_since[connection] = self._idle_since.get(connection, now)
+            transport = getattr(connection, "transport", None)
+            if now - since > self.header_timeout_s and transport and not transport.is_closing():
+                transport.close()
+                closed += 1
+        self._idle_since = idle_since
+        if closed:
+            self.closed_stalled += closed
+            log.warning(
+                "closed %d connections that held no request for over %g s (%d so far)",
+                closed,
+                self.header_timeout_s,
+                self.closed_stalled,
+            )
+        return closed
+
+
+def build_server(
+    settings: Settings, app: Any, on_draining: Callable[[], None] | None = None
+) -> GuardedServer:
+    """The uvicorn server for `app` with the connection limits and the shutdown grace of
+    `settings`; `on_draining` runs at the first SIGTERM (the app fails readiness)."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        # Beyond this many connections uvicorn answers 503 instead of taking more work.
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=int(settings.keep_alive_s),
+        # h11, not httptools: uvicorn's httptools protocol accumulates the URL and headers
+        # with no size limit, h11 refuses a request line plus headers over this many bytes.
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+    )
+    return GuardedServer(
+        config,
+        settings.header_timeout_s,
+        grace_s=settings.shutdown_grace_s,
+        on_draining=on_draining,
+    )
 
 
 def run_server(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; 0 after a graceful drain (uvicorn exits 3 on a failed start)."""
     from app.service.app import create_app  # imports torch: after the OpenMP setting above
 
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-    )
-    server = uvicorn.Server(config)
+    app = create_app(settings)
+    server = build_server(settings, app, on_draining=app.state.radar.start_draining)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
         # Before uvicorn takes the signals over: exit right after start-up. After its own

@@ -58,6 +58,17 @@ class Settings(BaseSettings):
         description="decoded pixels of all images of one request (RGB: 3 bytes each); the "
         "image that would pass it is a 413 too_many_pixels",
     )
+    max_connections: int = Field(
+        default=2048, ge=1, le=1_000_000, description="open connections; beyond, uvicorn 503s"
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=3600.0,
+        description="a connection holding no request this long (headers incomplete, or idle "
+        "between requests) is closed",
+    )
+    keep_alive_s: float = Field(default=5.0, ge=1.0, le=3600.0, description="idle keep-alive")
     decode_threads: int = Field(
         default=2, ge=1, le=64, description="threads decoding images (a pool of their own)"
     )
@@ -113,6 +124,13 @@ class Settings(BaseSettings):
     thresholds_poll_s: float = Field(default=2.0, gt=0.0, le=3600.0)
     shutdown_timeout_s: float = Field(
         default=30.0, ge=1.0, le=3600.0, description="drain in-flight requests on SIGTERM"
+    )
+    shutdown_grace_s: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=600.0,
+        description="after SIGTERM: readiness fails at once, requests are still served this "
+        "long (load balancers stop sending), then the drain",
     )
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /admin")
 

@@ -56,6 +56,7 @@ class ServiceState:
         self.not_ready_reason: str | None = "starting"
         self._watcher: asyncio.Task[None] | None = None
         self.stopping = False
+        self.draining = False  # SIGTERM seen: readiness fails, requests are still served
         self._torch_threads_before: int | None = None
 
     async def start(self) -> None:
@@ -146,6 +147,12 @@ class ServiceState:
         if self._torch_threads_before is not None:
             torch.set_num_threads(self._torch_threads_before)
 
+    def start_draining(self) -> None:
+        """The first SIGTERM (`app.service.server`): `/readyz` answers 503 from now on, so
+        load balancers stop sending, while routing goes on until the server stops."""
+        self.draining = True
+        self.metrics.ready.set(0)
+
     def apply_reload(self, result: ReloadResult | None) -> None:
         """Record a reload attempt in the metrics and the readiness."""
         if result is None:
@@ -196,7 +203,7 @@ class ServiceState:
         else:
             reason = None
         self.not_ready_reason = reason
-        self.metrics.ready.set(1 if reason is None else 0)
+        self.metrics.ready.set(1 if reason is None and not self.draining else 0)
 
     async def _watch_thresholds(self) -> None:
         while True:

@@ -40,6 +40,7 @@ async def test_sigterm_drains_in_flight_requests_then_exits(tiny_store, tmp_path
         "RADAR_QUEUE_SIZE": "4096",
         "RADAR_DEADLINE_MS": "60000",
         "RADAR_TORCH_THREADS": "1",
+        "RADAR_SHUTDOWN_GRACE_S": "1.5",
     }
     args = ["--port", str(port), "--model-dir", str(tiny_store), "--thresholds", str(thresholds)]
     requests, posts = 24, 16
@@ -54,8 +55,16 @@ async def test_sigterm_drains_in_flight_requests_then_exits(tiny_store, tmp_path
             await _until_all_accepted(client, requests * posts)
             process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            await asyncio.sleep(0.5)
-            # A new connection now finds nobody listening: stopped accepting.
+            await asyncio.sleep(0.3)
+            # The grace period: readiness fails at once, so load balancers stop sending,
+            # while the server still accepts and answers what they sent meanwhile.
+            async with httpx.AsyncClient(base_url=url, timeout=60) as during:
+                ready = await during.get("/readyz")
+                routed = await during.post("/route", json=_batch("grace", 1)["posts"][0])
+            assert ready.status_code == 503 and ready.json()["reason"] == "shutting down"
+            assert routed.status_code == 200, routed.text
+            await asyncio.sleep(max(0.0, signalled + 1.5 + 0.5 - time.monotonic()))
+            # After the grace: a new connection finds nobody listening, stopped accepting.
             async with httpx.AsyncClient(base_url=url, timeout=2) as late:
                 with pytest.raises(httpx.ConnectError):
                     await late.get("/healthz")
