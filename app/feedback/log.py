@@ -2,9 +2,12 @@
 verdicts joined to them (an SQLite file or a shared PostgreSQL database,
 `app/feedback/schema.py`).
 
-No request waits for the database: `record` appends to an in-memory buffer that one writer
-thread flushes in a single transaction every `flush_interval_s`. A full buffer drops the
-oldest records and counts them (`radar_decision_log_dropped_total`) rather than slow routing.
+Routing does not wait for the database: `record` appends to an in-memory buffer that one
+writer thread flushes in a single transaction every `flush_interval_s`. The exception is an
+audited post (a few percent of traffic): `record_now` writes its rows before the answer
+leaves, so its verdict finds its decision even after a crash that loses the buffer. A full
+buffer drops the oldest records and counts them (`radar_decision_log_dropped_total`) rather
+than slow routing.
 Verdicts are the opposite: `add_feedback` commits before it returns, so a verdict the
 service acknowledged survives a crash or restart. Old rows are pruned by age and count.
 
@@ -108,6 +111,11 @@ class DecisionLog:
             "Decision rows the database refused (set aside so the rows behind them are logged).",
             registry=registry,
         )
+        self.written_now = Counter(
+            "radar_decision_log_audited_written",
+            "Decision rows of audited posts written before their answer left.",
+            registry=registry,
+        )
         self.verdicts = Counter(
             "radar_feedback_verdicts",
             "Verdicts received; joined: a logged decision exists for the post and category.",
@@ -151,6 +159,20 @@ class DecisionLog:
         if overflow > 0:
             self.dropped.inc(overflow)
         self._pending.extend(records)
+
+    def record_now(self, records: Sequence[DecisionRecord]) -> bool:
+        """Write `records` before returning (audited decisions: their verdict will come back
+        and must find them, even after a kill -9 that loses the buffer). False when the
+        database refused or was unreachable: the records are buffered like any others then,
+        and written by the next flush that can."""
+        rows = sorted(records, key=lambda r: (r.post_id, r.category))
+        try:
+            self._write(rows)
+        except (SQLAlchemyError, DecisionLogError):
+            self.record(records)
+            return False
+        self.written_now.inc(len(rows))
+        return True
 
     def add_feedback(self, verdicts: Sequence[Verdict]) -> int:
         """Store verdicts (a repeated one replaces the earlier); committed on return. Returns

@@ -92,7 +92,12 @@ async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> 
         # the model, so callers that give up cost no forward pass.
         if not answers.done():
             answers.cancel()  # cancels every future it gathers
-    return _results(state, posts, decisions)
+    results, audited = _results(state, posts, decisions)
+    if audited and state.decision_log is not None:
+        # Audited decisions are written before their answer leaves: their verdicts come
+        # back later and must find them, even if this process is killed in between.
+        await asyncio.to_thread(state.decision_log.record_now, audited)
+    return results
 
 
 async def _submit(
@@ -137,7 +142,9 @@ async def _disconnect(request: Request) -> None:
 
 def _results(
     state: ServiceState, posts: list[PostIn], decisions: list[Decision]
-) -> list[RouteResult]:
+) -> tuple[list[RouteResult], list[DecisionRecord]]:
+    """The answers, and the decision-log rows of audited posts (written before they leave;
+    every other post's rows are buffered here)."""
     if state.router is None:
         raise RuntimeError("decisions without a router")
     model_version = state.router.config.model_version
@@ -145,6 +152,7 @@ def _results(
     audit_rates = state.audit.rates if state.audit else {}
     decided_at = time.time()
     results = []
+    audited: list[DecisionRecord] = []
     for post, decision in zip(posts, decisions, strict=True):
         state.metrics.record_post(
             decision.scores, decision.dispatch, categories, decision.fallback_reason
@@ -166,9 +174,13 @@ def _results(
             flags=[*flags, Flag.AUDIT] if audit else flags,
         )
         if state.decision_log is not None:
-            state.decision_log.record(_log_records(result, categories, audit_rates, decided_at))
+            rows = _log_records(result, categories, audit_rates, decided_at)
+            if audit:
+                audited += rows
+            else:
+                state.decision_log.record(rows)
         results.append(result)
-    return results
+    return results, audited
 
 
 def _log_records(

@@ -1,6 +1,7 @@
 """Audit sampling: released decisions flagged `audit` at the configured rate, deterministic in
 post_id, never for a dispatched category, counted in /metrics; bad rates fail start-up."""
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -87,3 +88,30 @@ async def test_audit_rates_for_an_unknown_category_fail_start_up(running) -> Non
     with pytest.raises(AuditConfigError, match="does not have"):
         async with running(audit_rates={"no-such-category": 0.5}):
             pass
+
+
+async def test_audited_decisions_are_written_before_their_answer_leaves(
+    running, thresholds_path: Path, tiny_store: Path
+) -> None:
+    """A kill -9 loses the decision log's buffer; an audited decision must not be in it: its
+    verdict comes back later and has to find it (issue 13, item 8)."""
+    from tests.logs import rows
+
+    log_path = thresholds_path.parent / "decision_log.sqlite3"
+    write_thresholds(thresholds_path, tiny_store, "release-all", 0.999)  # all released
+    async with running(audit_rate=0.5) as (client, state):
+        log = state.decision_log
+        assert log is not None
+        log.flush_interval_s = 3600  # the writer thread flushes nothing more during the test
+        await asyncio.sleep(0.7)  # its current wait (0.5 s) ends
+        log.flush()
+        answers = (
+            await client.post("/route/batch", json={"posts": [post(f"a{i}") for i in range(40)]})
+        ).json()["results"]
+        logged = {r[0] for r in rows(log_path, "SELECT DISTINCT post_id FROM decisions")}
+        buffered = {record.post_id for record in log._pending}
+    audited = {a["post_id"] for a in answers if a["audit"]}
+    released = {a["post_id"] for a in answers if not a["audit"]}
+    assert audited and released  # both kinds, or the test shows nothing
+    assert logged == audited  # on disk before the answer: every audited post, no other
+    assert buffered == released  # the rest waits for the batched flush, as before
