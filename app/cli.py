@@ -540,6 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:
+        # The reader went away (`radar quality ... | head -4`): nobody is left to read the
+        # rest, which is not an error of ours. Point stdout at /dev/null so the interpreter's
+        # final flush cannot raise again (the recipe in Python's `signal` documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     except Exception as exc:
         if not isinstance(exc, _usage_errors()):
             raise

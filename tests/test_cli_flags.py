@@ -9,7 +9,10 @@ and then dropped (as `radar teach --skip-bad` once was) fails here.
 import argparse
 import importlib
 import inspect
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,22 @@ def test_the_check_catches_a_dropped_flag(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(app.cli, "_teach", dropping_teach)
     base = required_argv(COMMANDS["teach"])
     assert "skip_bad" not in recorded_call(monkeypatch, "teach", [*base, "--skip-bad"])
+
+
+def test_a_closed_pipe_ends_a_command_quietly() -> None:
+    """`radar ... | head -1`: the reader has gone; exit 141, no BrokenPipeError traceback."""
+    repo = Path(__file__).resolve().parents[1]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "thresholds", "validate", "thresholds/tiny.yaml"],
+            cwd=repo,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr.decode()
+    assert b"Traceback" not in done.stderr and b"BrokenPipeError" not in done.stderr
