@@ -204,7 +204,17 @@ class ThresholdsStore:
     are serialised by a lock and swap the reference only after every check has passed.
     """
 
-    def __init__(self, path: Path, categories: Sequence[str], model_version: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        categories: Sequence[str],
+        model_version: str,
+        *,
+        role: str = "active",
+    ) -> None:
+        # `role` names the file in log lines: "active" decides, "shadow" only watches, and
+        # an operator reading the log must tell them apart.
+        self.role = role
         self.path = Path(path)
         self.categories = tuple(categories)
         self.model_version = model_version
@@ -222,12 +232,7 @@ class ThresholdsStore:
                 fresh = load_thresholds(self.path, self.categories, self.model_version)
             except ThresholdsError as exc:
                 self.last_error = exc
-                log.error(
-                    "thresholds refused (%s); keeping %s: %s",
-                    exc.reason,
-                    self.active.version if self.active else "none",
-                    exc,
-                )
+                self._log_refusal(exc, self.active.version if self.active else "none")
                 return ReloadResult("refused", self.active, exc.reason, exc.problem)
             if self.active is not None and fresh.digest == self.active.digest:
                 self.last_error = None
@@ -242,12 +247,25 @@ class ThresholdsStore:
                     "thresholds a new version",
                 )
                 self.last_error = exc
-                log.error("thresholds refused (%s); keeping %s: %s", exc.reason, fresh.version, exc)
+                self._log_refusal(exc, fresh.version)
                 return ReloadResult("refused", self.active, exc.reason, exc.problem)
             self.last_error = None
-            log.info("thresholds version %s active (model %s)", fresh.version, fresh.model_version)
+            log.info(
+                "%s thresholds version %s loaded (model %s)",
+                self.role,
+                fresh.version,
+                fresh.model_version,
+            )
             self.active = fresh
             return ReloadResult("changed", fresh)
+
+    def _log_refusal(self, exc: ThresholdsError, keeping: str) -> None:
+        """An active file refused is an error (it decides); a shadow file refused, or absent
+        before any was loaded, is a warning: the shadow only watches."""
+        level = logging.ERROR if self.role == "active" else logging.WARNING
+        log.log(
+            level, "%s thresholds refused (%s); keeping %s: %s", self.role, exc.reason, keeping, exc
+        )
 
     def reload_if_modified(self) -> ReloadResult | None:
         """Poll step: reload once the file has changed since the last try (see `_stat`) and

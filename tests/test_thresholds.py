@@ -254,3 +254,16 @@ def test_a_file_written_in_two_steps_goes_live_only_once_whole(tmp_path: Path) -
     assert active_seen == [(None, 0.5), (None, 0.5)]
     assert result is not None and result.status == "changed"
     assert store.active.version == "v2" and store.active.taus["fe"] == 0.8656
+
+
+def test_log_lines_name_the_file_role(tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO", logger="app.thresholds")
+    ThresholdsStore(tmp_path / "absent.yaml", CATEGORIES, "m1").reload()
+    ThresholdsStore(tmp_path / "absent.yaml", CATEGORIES, "m1", role="shadow").reload()
+    write(tmp_path / "s.yaml", valid_doc("s1"))
+    ThresholdsStore(tmp_path / "s.yaml", CATEGORIES, "m1", role="shadow").reload()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0][0] == "ERROR" and lines[0][1].startswith("active thresholds refused")
+    # A missing shadow file is not an error of the service: the shadow only watches.
+    assert lines[1][0] == "WARNING" and lines[1][1].startswith("shadow thresholds refused")
+    assert lines[2] == ("INFO", "shadow thresholds version s1 loaded (model m1)")

@@ -31,7 +31,7 @@ class ShadowThresholds:
         model_version: str,
         registry: CollectorRegistry,
     ) -> None:
-        self.store = ThresholdsStore(path, categories, model_version)
+        self.store = ThresholdsStore(path, categories, model_version, role="shadow")
         self.categories = tuple(categories)
         r = registry
         self.posts = Counter("radar_shadow_posts", "Posts decided under the shadow.", registry=r)
