@@ -165,6 +165,17 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _note(row: dict[str, Any]) -> str:
+    """What the table's numbers do not say: a category in one file only, or at tau 0 (every
+    post dispatched, nothing released: the calibration lacked positives, or a hand edit)."""
+    notes = [f"only in {row['only_in']}"] if row["only_in"] else []
+    zero = [side for side in ("a", "b") if row[f"tau_{side}"] == 0]
+    if zero:
+        which = " and ".join(side.upper() for side in zero)
+        notes.append(f"WARNING tau 0 in {which}: every post dispatched, none released")
+    return "; ".join(notes)
+
+
 def render_diff(d: dict[str, Any]) -> str:
     """The diff as a plain table (the `--json` form is `d` itself)."""
     lines = []
@@ -189,7 +200,7 @@ def render_diff(d: dict[str, Any]) -> str:
             "=" if r["change"] == 0 else _num(r["change"], "+.4f"),
             _num(r["expected_auto_pass_rate_a"], ".1%"),
             _num(r["expected_auto_pass_rate_b"], ".1%"),
-            f"only in {r['only_in']}" if r["only_in"] else "",
+            _note(r),
         )
         for r in d["categories"]
     ]

@@ -127,14 +127,34 @@ def test_diff_shows_changed_taus_and_one_sided_categories(tmp_path: Path, capsys
 
 
 def test_diff_shows_calibrated_auto_pass_rates(tmp_path: Path, capsys) -> None:
+    shipped = yaml.safe_load(PROXY.read_bytes())  # whatever is shipped: figures read from it
+    hate = shipped["categories"]["hate"]
     doc = yaml.safe_load(PROXY.read_bytes())
-    doc["version"] = "proxy-r95"
+    doc["version"] = "proxy-candidate"
     doc["categories"]["hate"].update(tau=0.2, expected_auto_pass_rate=0.55)
     rc, out, _ = run(capsys, "diff", PROXY, write(tmp_path / "p.yaml", doc))
     assert rc == 0
-    hate = next(line for line in out.splitlines() if line.startswith("hate"))
-    assert hate.split()[1:] == ["0.2444", "0.2000", "-0.0444", "61.0%", "55.0%"]
-    assert "expected overall auto-pass 20.1%" in out
+    line = next(line for line in out.splitlines() if line.startswith("hate"))
+    assert line.split()[1:6] == [
+        f"{hate['tau']:.4f}",
+        "0.2000",
+        f"{0.2 - hate['tau']:+.4f}",
+        f"{hate['expected_auto_pass_rate']:.1%}",
+        "55.0%",
+    ]
+    overall = shipped["calibration"]["expected_overall_auto_pass_rate"]
+    assert f"expected overall auto-pass {overall:.1%}" in out
+
+
+def test_diff_warns_about_a_category_at_tau_zero(tmp_path: Path, capsys) -> None:
+    doc = tiny_doc("tiny-2", tau=0.3)
+    doc["categories"]["lqc"] = {"tau": 0.0}
+    rc, out, _ = run(capsys, "diff", TINY, write(tmp_path / "b.yaml", doc))
+    assert rc == 0
+    lqc = next(line for line in out.splitlines() if line.startswith("lqc"))
+    assert lqc.endswith("WARNING tau 0 in B: every post dispatched, none released")
+    rcs = next(line for line in out.splitlines() if line.startswith("rcs"))
+    assert "WARNING" not in rcs
 
 
 def test_diff_with_model_marks_the_file_that_does_not_fit(
