@@ -15,11 +15,11 @@ long as they stayed open; uvicorn itself has no timeout on reading a body.
 """
 
 import asyncio
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.service.error_body import send_error
 from app.service.errors import RetryableError
 from app.service.state import ServiceState
 
@@ -52,7 +52,7 @@ class Admission:
         except TimeoutError:
             self.state.metrics.rejected.labels("body_timeout").inc()
             problem = "request body not received before the deadline"
-            await _respond(send, 408, "body_timeout", problem, close=True)
+            await send_error(send, 408, "body_timeout", problem, close=True)
             return
         except ClientDisconnected:
             self.state.metrics.rejected.labels("client_gone").inc()
@@ -102,25 +102,4 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 async def _refuse(send: Send, exc: RetryableError) -> None:
-    await _respond(send, exc.status_code, exc.code, exc.message, headers=exc.headers())
-
-
-async def _respond(
-    send: Send,
-    status: int,
-    code: str,
-    detail: str,
-    *,
-    headers: dict[str, str] | None = None,
-    close: bool = False,
-) -> None:
-    body = json.dumps({"error": code, "detail": detail}).encode()
-    raw_headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        *((k.lower().encode(), v.encode()) for k, v in (headers or {}).items()),
-    ]
-    if close:  # the rest of the body was never read: the connection cannot be reused
-        raw_headers.append((b"connection", b"close"))
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, exc.status_code, exc.code, exc.message, headers=exc.headers())

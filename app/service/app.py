@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 
 from app.service.admission import Admission
 from app.service.body_limit import BodySizeLimit
+from app.service.error_body import error_response
 from app.service.errors import ServiceError
 from app.service.routes import router
 from app.service.settings import Settings
@@ -69,11 +70,7 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
         return await _unexpected_error(request, exc)
     if exc.status_code in (422, 413):
         request.app.state.radar.metrics.rejected.labels(exc.code).inc()
-    return JSONResponse(
-        {"error": exc.code, "detail": exc.message},
-        status_code=exc.status_code,
-        headers=exc.headers(),
-    )
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers())
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -100,9 +97,8 @@ def _invalid_request(
     request: Request, detail: list[dict[str, object]], total: int | None = None
 ) -> JSONResponse:
     request.app.state.radar.metrics.rejected.labels("invalid_request").inc()
-    body: dict[str, object] = {"error": "invalid_request", "detail": detail}
-    body["errors_total"] = len(detail) if total is None else total
-    return JSONResponse(body, status_code=422)
+    errors_total = len(detail) if total is None else total
+    return error_response(422, "invalid_request", detail, errors_total=errors_total)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -120,14 +116,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     if exc.status_code == 413:
         request.app.state.radar.metrics.rejected.labels(code).inc()
-    return JSONResponse(
-        {"error": code, "detail": str(exc.detail)},
-        status_code=exc.status_code,
-        headers=dict(exc.headers or {}),
-    )
+    return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     # No stack trace or path in the response; the log has them.
     log.error("unhandled error on %s", request.url.path, exc_info=exc)
-    return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)
+    return error_response(500, "internal", "internal error")

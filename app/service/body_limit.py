@@ -1,10 +1,11 @@
 """Refuse request bodies over a size limit with 413, before they are read whole."""
 
-import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.service.error_body import send_error
 
 
 class BodyTooLargeError(HTTPException):
@@ -68,19 +69,6 @@ class BodySizeLimit:
     async def _reject(self, send: Send) -> None:
         if self.on_reject is not None:
             self.on_reject()
-        body = json.dumps(
-            {"error": "body_too_large", "detail": f"request body over {self.max_bytes} bytes"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    # The rest of the body is never read: the connection cannot be reused.
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        # The rest of the body is never read: the connection cannot be reused.
+        detail = f"request body over {self.max_bytes} bytes"
+        await send_error(send, 413, "body_too_large", detail, close=True)
