@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from app.service.admission import Admission
 from app.service.body_limit import BodySizeLimit
 from app.service.error_body import error_response
-from app.service.errors import ServiceError
+from app.service.errors import ImagesBusyError, ServiceError
 from app.service.routes import router
 from app.service.settings import Settings
 from app.service.state import ServiceState
@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ServiceError):  # registered for ServiceError only
         return await _unexpected_error(request, exc)
-    if exc.status_code in (422, 413):
+    if exc.status_code in (422, 413) or isinstance(exc, ImagesBusyError):
         request.app.state.radar.metrics.rejected.labels(exc.code).inc()
     return error_response(exc.status_code, exc.code, exc.message, exc.headers())
 

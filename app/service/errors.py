@@ -38,6 +38,12 @@ class OverloadedError(RetryableError):
     code = "overloaded"
 
 
+class ImagesBusyError(RetryableError):
+    """The images of requests in progress hold `RADAR_MAX_INFLIGHT_PIXELS` already."""
+
+    code = "images_busy"
+
+
 class NotReadyError(RetryableError):
     code = "not_ready"
 

@@ -43,6 +43,7 @@ RejectReason = Literal[
     "bad_post",
     "too_many_posts",
     "too_many_pixels",
+    "images_busy",
     "body_too_large",
     "body_timeout",
 ]

@@ -14,6 +14,7 @@ from app.service.admission import ARRIVED
 from app.service.engine import Decision
 from app.service.errors import ClientGoneError, DeadlineExceededError, TooManyPostsError
 from app.service.feedback import feedback_router
+from app.service.images import PixelBudget
 from app.service.intake import to_model_post
 from app.service.schemas import (
     BatchIn,
@@ -69,7 +70,21 @@ async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> 
     state.active_thresholds()  # 503 at once when not ready
     if state.batcher is None or state.router is None:
         raise RuntimeError("ready without a batcher")
-    futures = await _submit(state, posts, deadline)
+    budget = state.images.budget(deadline)
+    try:
+        return await _answer(state, posts, request, deadline, budget)
+    finally:
+        budget.release()  # the posts' images are no longer held: answered, failed or gone
+
+
+async def _answer(
+    state: ServiceState,
+    posts: list[PostIn],
+    request: Request,
+    deadline: float,
+    budget: PixelBudget,
+) -> list[RouteResult]:
+    futures = await _submit(state, posts, deadline, budget)
     answers = asyncio.gather(*futures)
     answers.add_done_callback(_retrieve)
     gone = asyncio.ensure_future(_disconnect(request))
@@ -101,14 +116,13 @@ async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> 
 
 
 async def _submit(
-    state: ServiceState, posts: list[PostIn], deadline: float
+    state: ServiceState, posts: list[PostIn], deadline: float, budget: PixelBudget
 ) -> list["asyncio.Future[Decision]"]:
     """Admit (503 before any image is decoded: refusing must cost next to nothing under
     overload), decode, queue; the posts count as ahead of later arrivals from admission on."""
     if state.batcher is None:
         raise RuntimeError("ready without a batcher")
     with state.batcher.admitted(len(posts), deadline):
-        budget = state.images.budget(deadline)
         try:
             model_posts = await asyncio.gather(
                 *(to_model_post(p, state.images, state.settings, budget) for p in posts)

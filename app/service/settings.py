@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         "between requests) is closed",
     )
     keep_alive_s: float = Field(default=5.0, ge=1.0, le=3600.0, description="idle keep-alive")
+    max_inflight_pixels: int = Field(
+        default=400_000_000,
+        ge=1024,
+        description="decoded pixels held by all requests in progress (~1.2 GB as RGB); "
+        "beyond, a 503 images_busy with Retry-After",
+    )
     decode_threads: int = Field(
         default=2, ge=1, le=64, description="threads decoding images (a pool of their own)"
     )

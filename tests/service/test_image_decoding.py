@@ -14,8 +14,11 @@ import resource
 import struct
 import time
 
+import pytest
 from PIL import Image
 
+from app.service.errors import ImagesBusyError
+from app.service.images import PixelBudget, SharedPixels
 from tests.service.conftest import post
 
 
@@ -175,3 +178,30 @@ async def test_no_image_is_decoded_after_the_deadline(running) -> None:
     assert deadline_rejections == 1
     # Decoding all 32 on one thread takes ~32 decodes; it stopped after a few.
     assert elapsed < 12 * one_decode, (elapsed, one_decode)
+
+
+def test_requests_in_progress_share_one_ceiling_of_decoded_pixels() -> None:
+    shared = SharedPixels(60_000_000, retry_after_s=1)
+    first = PixelBudget(100_000_000, time.monotonic() + 60, shared)
+    second = PixelBudget(100_000_000, time.monotonic() + 60, shared)
+    first.spend("a", "images[0]", 5000, 5000)
+    first.spend("a", "images[1]", 5000, 5000)
+    with pytest.raises(ImagesBusyError, match="RADAR_MAX_INFLIGHT_PIXELS"):
+        second.spend("b", "images[0]", 5000, 5000)  # 75 M would be held
+    assert shared.held == 50_000_000
+    first.release()  # answered: its images are let go
+    second.spend("b", "images[0]", 5000, 5000)
+    assert shared.held == 25_000_000
+    second.release()
+    assert shared.held == 0
+
+
+async def test_every_request_gives_its_pixels_back(running) -> None:
+    large = _encode(Image.new("RGB", (3000, 3000), (9, 9, 9)), "PNG")
+    async with running(max_images_per_post=8, max_request_pixels=40_000_000) as (client, state):
+        answered = await client.post("/route", json=_with_images("ok", large, large))
+        over = await client.post("/route", json=_with_images("big", *[large] * 6))
+        broken = await client.post("/route", json=_with_images("bad", large, b"not an image"))
+        held = state.images.shared_pixels.held
+    assert (answered.status_code, over.status_code, broken.status_code) == (200, 413, 422)
+    assert held == 0
