@@ -11,7 +11,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +109,12 @@ class ActiveThresholds:
     model_version: str
     taus: dict[str, float]
     digest: str
+    # Provenance the alerts compare live traffic with (`radar calibrate` writes it; None
+    # where a hand-written file has none): per category recall target and calibrated pass
+    # rate, and the calibrated overall auto-pass rate.
+    recall_targets: dict[str, float | None] = field(default_factory=dict)
+    expected_pass_rates: dict[str, float | None] = field(default_factory=dict)
+    expected_overall_auto_pass_rate: float | None = None
 
     def dispatch(self, scores: dict[str, float]) -> list[str]:
         """Categories whose score exceeds their threshold, in category order."""
@@ -152,7 +158,22 @@ def validate_for_model(
             f"but the loaded model is {model_version!r}",
         )
     taus = {name: file.categories[name].tau for name in categories}
-    return ActiveThresholds(file.version, file.model_version, taus, digest)
+    overall = (file.calibration or {}).get("expected_overall_auto_pass_rate")
+    return ActiveThresholds(
+        file.version,
+        file.model_version,
+        taus,
+        digest,
+        recall_targets={name: file.categories[name].recall_target for name in categories},
+        expected_pass_rates={
+            name: file.categories[name].expected_auto_pass_rate for name in categories
+        },
+        expected_overall_auto_pass_rate=(
+            float(overall)
+            if isinstance(overall, int | float) and not isinstance(overall, bool)
+            else None
+        ),
+    )
 
 
 def read_thresholds_file(path: Path) -> bytes:

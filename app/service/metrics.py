@@ -12,6 +12,7 @@ Auto-pass rate, overall and per category (PromQL):
       / sum by (category) (rate(radar_decisions_total[5m]))
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
@@ -25,7 +26,7 @@ from prometheus_client import (
 )
 
 from app.service.engine import FallbackReason
-from app.thresholds import RefusalReason
+from app.thresholds import ActiveThresholds, RefusalReason
 
 # `*_created` series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -115,6 +116,24 @@ class ServiceMetrics:
         self.threshold = Gauge(
             "radar_threshold", "Active threshold tau per category.", ["category"], registry=r
         )
+        self.recall_target = Gauge(
+            "radar_recall_target",
+            "Recall target per category of the active thresholds file (NaN: not recorded).",
+            ["category"],
+            registry=r,
+        )
+        self.expected_pass_rate = Gauge(
+            "radar_expected_pass_rate",
+            "Share of posts each category passed at calibration (active file; NaN: none).",
+            ["category"],
+            registry=r,
+        )
+        self.expected_auto_pass_rate = Gauge(
+            "radar_expected_auto_pass_rate",
+            "Share of posts auto-passed at calibration (active file; NaN: not recorded).",
+            registry=r,
+        )
+        self.expected_auto_pass_rate.set(math.nan)
         self.reload_failures = Counter(
             "radar_thresholds_reload_failures",
             "Thresholds files refused.",
@@ -152,11 +171,16 @@ class ServiceMetrics:
         self.model_info.clear()
         self.model_info.labels(model_version).set(1)
 
-    def set_thresholds(self, version: str, taus: dict[str, float]) -> None:
+    def set_thresholds(self, active: ActiveThresholds) -> None:
+        """The active file: its version, taus and the provenance the alerts compare with
+        (NaN where the file has none: a NaN comparison never fires)."""
         self.thresholds_info.clear()
-        self.thresholds_info.labels(version).set(1)
-        for name, tau in taus.items():
+        self.thresholds_info.labels(active.version).set(1)
+        for name, tau in active.taus.items():
             self.threshold.labels(name).set(tau)
+            self.recall_target.labels(name).set(_or_nan(active.recall_targets.get(name)))
+            self.expected_pass_rate.labels(name).set(_or_nan(active.expected_pass_rates.get(name)))
+        self.expected_auto_pass_rate.set(_or_nan(active.expected_overall_auto_pass_rate))
 
     def record_post(
         self,
@@ -184,3 +208,7 @@ class ServiceMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -160,7 +160,7 @@ class ServiceState:
         if result.status == "refused" and result.reason is not None:
             self.metrics.reload_failures.labels(result.reason).inc()
         if result.active is not None:
-            self.metrics.set_thresholds(result.active.version, result.active.taus)
+            self.metrics.set_thresholds(result.active)
         self.refresh_readiness()
 
     def active_thresholds(self) -> ActiveThresholds:

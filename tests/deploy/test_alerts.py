@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from app.service.metrics import ServiceMetrics
 from app.service.settings import Settings
+from app.thresholds import load_thresholds
 from tests.deploy.support import (
     PROMETHEUS_CONFIG,
     REPO,
@@ -27,7 +29,6 @@ CALIBRATED = REPO / "thresholds" / "proxy.yaml"  # the file the auto-pass band w
 PROMETHEUS_SERIES = {"up": set[str]()}
 # Alerts on a state (0 or 1, or absence): their value says nothing, their labels say which.
 STATE_ALERTS = {"RadarNotReady", "RadarTargetDown", "RadarMetricsAbsent"}
-BAND_HALF_WIDTH = 0.10  # the auto-pass band: expected +/- 10 points (docs/deploy.md#alerts)
 
 
 def rules() -> list[dict[str, Any]]:
@@ -133,16 +134,28 @@ def test_every_alert_fires_in_a_unit_test_and_stays_quiet_in_another() -> None:
     assert load_yaml(ALERTS_TEST)["rule_files"] == [ALERTS.name]
 
 
-def test_the_auto_pass_band_comes_from_the_calibration_provenance() -> None:
-    provenance = load_yaml(CALIBRATED)["calibration"]
-    expected = constant("radar:auto_pass_rate:expected")
-    assert expected == pytest.approx(provenance["expected_overall_auto_pass_rate"], abs=1e-4)
-    low = constant("radar:auto_pass_rate:band_low")
-    high = constant("radar:auto_pass_rate:band_high")
-    assert low < expected < high
-    band = (max(0.0, expected - BAND_HALF_WIDTH), min(1.0, expected + BAND_HALF_WIDTH))
-    assert (low, high) == pytest.approx(band, abs=0.01)
-    assert load_yaml(CALIBRATED)["version"] in ALERTS.read_text()
+def test_bands_and_targets_follow_the_active_file_not_constants() -> None:
+    """The rules read the provenance the service exports; the service exports the active
+    file's (here the shipped one): promoting a file moves the band and the targets."""
+    definitions = recorded()
+    assert "radar_expected_auto_pass_rate" in definitions["radar:auto_pass_rate:expected"]
+    assert "radar_expected_pass_rate" in definitions["radar:category_pass_rate:expected"]
+    for rule in rules():
+        assert "vector(" not in rule["expr"], rule  # no constant band or target left
+    (recall,) = [a for a in alerts() if a["alert"] == "RadarEstimatedRecallLow"]
+    assert "radar_recall_target" in recall["expr"]
+    file = load_yaml(CALIBRATED)
+    metrics = ServiceMetrics()
+    metrics.set_thresholds(
+        load_thresholds(CALIBRATED, list(file["categories"]), file["model_version"])
+    )
+    text = metrics.render().decode()
+    overall = file["calibration"]["expected_overall_auto_pass_rate"]
+    assert f"radar_expected_auto_pass_rate {float(overall)!r}" in text
+    for name, entry in file["categories"].items():
+        assert f'radar_recall_target{{category="{name}"}} {float(entry["recall_target"])!r}' in text
+        rate = float(entry["expected_auto_pass_rate"])
+        assert f'radar_expected_pass_rate{{category="{name}"}} {rate!r}' in text
 
 
 def test_the_queue_threshold_is_80_percent_of_the_default_queue_size() -> None:
