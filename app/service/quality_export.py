@@ -91,8 +91,9 @@ def _recall(q: CategoryQuality) -> float:
 
 
 def _recall_upper(q: CategoryQuality) -> float:
-    """recall + 1.96 se, at most 1; the recall itself while no miss was seen (no interval)."""
+    """The upper end of recall's 95 % interval; the recall itself while no miss was seen
+    (no interval)."""
     recall = _recall(q)
-    if math.isnan(recall) or q.recall_se is None:
+    if math.isnan(recall) or q.recall_high is None:
         return recall
-    return min(1.0, recall + 1.96 * q.recall_se)
+    return q.recall_high
