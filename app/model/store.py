@@ -150,6 +150,11 @@ def load_router(
         backbone = _load_adapter(backbone, store_dir / ADAPTER_DIR, trainable=trainable)
     if config.full_finetune:
         _load_finetuned_backbone(backbone, store_dir / BACKBONE_FILE)
+        if not trainable:
+            # Loaded to score, not to train (what PEFT does for a LoRA store): with its
+            # weights left trainable the image encoder refused the feature cache, and
+            # evaluate / calibrate re-encoded every image of a full fine-tune.
+            backbone.requires_grad_(False)
     router = Router(config, backbone)
     _load_head(router, store_dir / HEAD_FILE)
     router.place(device)

@@ -277,6 +277,12 @@ def test_full_finetune_saves_loads_and_scores_the_same(tiny_store, tmp_path) -> 
     posts = [load_post(r) for r in load_records(data, CATEGORIES).records[:6]]
     reloaded = load_router(out)
     assert torch.equal(reloaded.predict_proba(posts), trained.predict_proba(posts))
+    # Loaded to score: nothing trainable (so a frozen image tower can use a feature cache).
+    assert not any(
+        p.requires_grad
+        for name, p in reloaded.base_backbone.named_parameters()
+        if not name.startswith("extras.")
+    )
     (out / "backbone.safetensors").unlink()
     with pytest.raises(ModelStoreError, match="full_finetune"):
         load_router(out)
