@@ -40,12 +40,15 @@ class PixelBudget:
         self.left = pixels
         self.deadline = deadline  # time.monotonic()
         self.shared = shared
+        self.closed = False
         self._lock = threading.Lock()
 
     def spend(self, post_id: str, field: str, width: int, height: int) -> None:
         if time.monotonic() >= self.deadline:
             raise DeadlineExceededError(f"deadline passed before decoding post {post_id!r}")
         with self._lock:
+            if self.closed:  # the request has been answered (another image failed): stop
+                raise DeadlineExceededError(f"request of post {post_id!r} already answered")
             if width * height > self.left:
                 raise TooManyPixelsError(
                     f"post {post_id!r}, {field}: {width}x{height} pixels would pass the "
@@ -56,8 +59,12 @@ class PixelBudget:
             self.left -= width * height
 
     def release(self) -> None:
-        """The request is done with its images (answered or refused): give its pixels back."""
+        """The request is done with its images (answered or refused): give its pixels back.
+
+        Images of the request still decoding on the pool (one of its images failed and the
+        answer left) spend nothing afterwards: they stop at `spend`, so nothing leaks."""
         with self._lock:
+            self.closed = True
             self.shared.give(self.pixels - self.left)
             self.left = self.pixels
 
