@@ -29,6 +29,7 @@ import numpy as np
 from app.data.records import fingerprint
 from app.evaluation.bootstrap import PairedBootstrap
 from app.evaluation.evaluate import ScoredData, score_data
+from app.model.config import read_config
 from app.model.store import copy_router
 from app.training.config import TrainConfig
 from app.training.teach import teach
@@ -148,6 +149,10 @@ def finished_run(cfg: TrainConfig) -> dict[str, Any] | None:
     saved = json.loads(saved_path.read_text())
     wanted = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in _NOT_COMPARED}
     kept = {k: v for k, v in saved.get("config", {}).items() if k not in _NOT_COMPARED}
+    # No categories given means the model config's (`radar train` without --categories).
+    defaults = list(read_config(cfg.out).categories)
+    for settings in (wanted, kept):
+        settings["categories"] = list(settings.get("categories") or defaults)
     if kept != wanted or saved.get("data_fingerprint") != fingerprint([cfg.data]):
         return None
     if cfg.val is not None and saved.get("val_fingerprint") != fingerprint([cfg.val]):
