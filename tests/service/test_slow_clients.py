@@ -3,8 +3,8 @@
 - A request counts toward admission only once its body has arrived, and a body that does not
   arrive before the request's deadline is answered 408 and its connection closed.
 - A connection that holds no request (headers incomplete, or idle) is closed after
-  `RADAR_HEADER_TIMEOUT_S`; a 200 KB header is refused (h11 holds at most 16 KiB of an
-  incomplete request head beyond one socket read).
+  `RADAR_HEADER_TIMEOUT_S`; a request head over 16 KiB is refused (a 400: uvicorn's
+  httptools protocol, bounded by `BoundedHttpToolsProtocol`).
 - Meanwhile normal traffic is served.
 """
 
