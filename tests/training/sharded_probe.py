@@ -50,7 +50,19 @@ def main(argv: list[str]) -> None:
         scored = score_data(model, data, batch_size=int(batch))
     except ShardDone:
         return
+    finally:
+        _leave_process_group()
     np.save(out_dir / "scores.npy", scored.scores)
+
+
+def _leave_process_group() -> None:
+    """Tear the gloo group down before exiting: left to the interpreter's exit, a rank's
+    background threads were once still joinable and the process aborted (exit -6)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
