@@ -168,12 +168,14 @@ def validate_for_model(
         expected_pass_rates={
             name: file.categories[name].expected_auto_pass_rate for name in categories
         },
-        expected_overall_auto_pass_rate=(
-            float(overall)
-            if isinstance(overall, int | float) and not isinstance(overall, bool)
-            else None
-        ),
+        expected_overall_auto_pass_rate=provenance_rate(overall),
     )
+
+
+def provenance_rate(value: Any) -> float | None:
+    """A rate from the free-form `calibration` block, if it is a number (YAML booleans are
+    not)."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def read_thresholds_file(path: Path) -> bytes:

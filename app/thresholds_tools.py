@@ -20,6 +20,7 @@ from app.thresholds import (
     ThresholdsError,
     ThresholdsFile,
     parse_thresholds,
+    provenance_rate,
     read_thresholds_file,
     validate_for_model,
     write_atomically,
@@ -113,18 +114,13 @@ def validate(path: Path, model_dir: Path | None) -> str:
     return f"OK {loaded.file.version}: {len(loaded.file.categories)} categories ({scope})"
 
 
-def _rate(value: Any) -> float | None:
-    """A rate from the free-form `calibration` block, if it is one."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def _side(loaded: Loaded, reference: Reference | None) -> dict[str, Any]:
     calibration = loaded.file.calibration or {}
     side: dict[str, Any] = {
         "path": str(loaded.path),
         "version": loaded.file.version,
         "model_version": loaded.file.model_version,
-        "expected_overall_auto_pass_rate": _rate(
+        "expected_overall_auto_pass_rate": provenance_rate(
             calibration.get("expected_overall_auto_pass_rate")
         ),
         "refusal": None,
