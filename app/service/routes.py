@@ -16,6 +16,7 @@ from app.service.errors import ClientGoneError, DeadlineExceededError, TooManyPo
 from app.service.feedback import feedback_router
 from app.service.images import PixelBudget
 from app.service.intake import to_model_post
+from app.service.metrics import Endpoint
 from app.service.schemas import (
     BatchIn,
     BatchResult,
@@ -50,7 +51,7 @@ router = APIRouter(route_class=StrictJSONRoute)
 async def route_one(post: PostIn, state: State, request: Request) -> RouteResult:
     """Score one post and say which verticals it goes to."""
     with state.metrics.request_latency.labels("route").time():
-        return (await _route(state, [post], request))[0]
+        return (await _route(state, [post], request, "route"))[0]
 
 
 @router.post("/route/batch", response_model=BatchResult, responses=ERRORS, tags=["routing"])
@@ -60,10 +61,12 @@ async def route_batch(body: BatchIn, state: State, request: Request) -> BatchRes
         limit = state.settings.max_posts_per_request
         if len(body.posts) > limit:
             raise TooManyPostsError(f"{len(body.posts)} posts, at most {limit} per request")
-        return BatchResult(results=await _route(state, body.posts, request))
+        return BatchResult(results=await _route(state, body.posts, request, "route_batch"))
 
 
-async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> list[RouteResult]:
+async def _route(
+    state: ServiceState, posts: list[PostIn], request: Request, endpoint: Endpoint
+) -> list[RouteResult]:
     # From the arrival stamped by the admission middleware: reading and parsing count too.
     started = getattr(request.state, ARRIVED, None) or time.monotonic()
     deadline = state.deadline(started)
@@ -72,9 +75,11 @@ async def _route(state: ServiceState, posts: list[PostIn], request: Request) -> 
         raise RuntimeError("ready without a batcher")
     budget = state.images.budget(deadline)
     try:
-        return await _answer(state, posts, request, deadline, budget)
+        results = await _answer(state, posts, request, deadline, budget)
     finally:
         budget.release()  # the posts' images are no longer held: answered, failed or gone
+    state.metrics.record_answer(endpoint, time.monotonic() - started, len(posts))
+    return results
 
 
 async def _answer(

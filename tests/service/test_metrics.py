@@ -1,6 +1,7 @@
 """GET /metrics: Prometheus text that parses, with the series dashboards rely on."""
 
 import re
+import time
 from pathlib import Path
 from typing import get_args
 
@@ -54,7 +55,33 @@ async def test_metrics_parse_and_count_decisions(running, tiny_store, thresholds
     assert sample(text, "radar_score_count", {"category": names[2]}) == 3
     assert sample(text, "radar_model_info", {"model_version": model_version_of(tiny_store)}) == 1
     assert sample(text, "radar_request_duration_seconds_count", {"endpoint": "route"}) == 3
+    per_post = "radar_request_duration_per_post_seconds"
+    assert families[per_post].type == "histogram"
+    assert sample(text, f"{per_post}_count", {"endpoint": "route"}) == 3
     assert "post_id" not in text
+
+
+async def test_latency_per_post_counts_answered_requests_divided_by_their_posts(
+    running,
+) -> None:
+    """RadarLatencyHigh reads it (a 64-post batch is fast per post, one slow post is slow)
+    and RadarOverloaded counts answered requests with its _count."""
+    per_post = "radar_request_duration_per_post_seconds"
+    batch = {"posts": [post(f"b{i}") for i in range(4)]}
+    async with running() as (client, _):
+        started = time.monotonic()
+        assert (await client.post("/route/batch", json=batch)).status_code == 200
+        elapsed = time.monotonic() - started
+        bad = {"posts": [{**post("x"), "images": [{"data": "aGVsbG8="}]}]}
+        assert (await client.post("/route/batch", json=bad)).status_code == 422
+        text = (await client.get("/metrics")).text
+    batch_labels = {"endpoint": "route_batch"}
+    assert sample(text, f"{per_post}_count", batch_labels) == 1  # one request; the 422 is none
+    assert sample(text, f"{per_post}_count", {"endpoint": "route"}) == 0
+    # Arrival to answer, within what the client waited, divided by the 4 posts.
+    assert 0 < sample(text, f"{per_post}_sum", batch_labels) <= elapsed / 4
+    assert sample(text, f"{per_post}_bucket", {**batch_labels, "le": "1.0"}) == 1
+    assert sample(text, "radar_request_duration_seconds_count", batch_labels) == 2
 
 
 def _label_values(text: str, name: str, label: str) -> set[str]:
@@ -80,6 +107,7 @@ async def test_every_bounded_series_exists_at_zero_from_the_first_scrape(
         ("radar_rejected_total", "reason", get_args(RejectReason)),
         ("radar_thresholds_reload_failures_total", "reason", get_args(RefusalReason)),
         ("radar_request_duration_seconds_count", "endpoint", get_args(Endpoint)),
+        ("radar_request_duration_per_post_seconds_count", "endpoint", get_args(Endpoint)),
     ):
         assert _label_values(text, name, label) == set(values), name
         for value in values:
