@@ -138,6 +138,13 @@ def _quality(args: argparse.Namespace) -> int:
         is_database_url,
         open_log,
     )
+    from app.feedback.window import (
+        WindowError,
+        describe_versions,
+        iso,
+        parse_since,
+        thresholds_versions,
+    )
     from app.thresholds import ThresholdsError, parse_thresholds
 
     location = args.log or default_log_location()
@@ -163,16 +170,31 @@ def _quality(args: argparse.Namespace) -> int:
             print(f"radar quality: thresholds refused ({exc.reason}): {exc}", file=sys.stderr)
             return 2
     since = None if args.since_hours is None else time.time() - 3600 * args.since_hours
+    if args.since is not None:
+        try:
+            since = parse_since(args.since, time.time())
+        except WindowError as exc:
+            print(f"radar quality: --since: {exc}", file=sys.stderr)
+            return 2
+    version = args.thresholds_version
     try:
         engine = open_log(location, readonly=True)
         try:
             with engine.connect() as conn:
-                taken = estimate_quality(conn, since=since)
+                spans = thresholds_versions(conn) if version is not None else []
+                if version is not None and version not in {s.version for s in spans}:
+                    print(
+                        f"radar quality: --thresholds-version: no decisions under {version!r} "
+                        f"in {where}; its versions: {describe_versions(spans)}",
+                        file=sys.stderr,
+                    )
+                    return 2
+                taken = estimate_quality(conn, since=since, thresholds_version=version)
                 under = None
                 if candidate is not None:  # both tables over the log's and the file's categories
                     names = sorted(set(taken) | set(candidate.categories))
                     taus = {name: c.tau for name, c in candidate.categories.items()}
-                    under = estimate_quality(conn, names, taus, since)
+                    under = estimate_quality(conn, names, taus, since, thresholds_version=version)
                     # A file's category the log never saw has zero counts under any rule: no
                     # second pass over the log to say so for the decisions taken.
                     taken = {
@@ -190,7 +212,8 @@ def _quality(args: argparse.Namespace) -> int:
         def as_dicts(results: dict[str, Any]) -> dict[str, Any]:
             return {name: dataclasses.asdict(q) for name, q in results.items()}
 
-        out: dict[str, Any] = {"log": where, "since": since, "taken": as_dicts(taken)}
+        out: dict[str, Any] = {"log": where, "since": since, "thresholds_version": version}
+        out["taken"] = as_dicts(taken)
         if candidate is not None and under is not None:
             out["candidate"] = {
                 "file": str(args.thresholds),
@@ -199,7 +222,8 @@ def _quality(args: argparse.Namespace) -> int:
             }
         print(json.dumps(out, indent=2))
         return 0
-    window = "" if since is None else f", last {args.since_hours:g} h"
+    window = "" if since is None else f", since {iso(since)}"
+    window += "" if version is None else f", thresholds version {version}"
     print(render_quality(taken, f"decisions taken ({where}{window}):"))
     if candidate is not None and under is not None:
         title = f"under {args.thresholds} (version {candidate.version}{window}):"
@@ -243,11 +267,25 @@ def _add_quality_command(commands: Any) -> None:
         metavar="FILE",
         help="thresholds YAML whose taus to evaluate as well (e.g. a candidate)",
     )
-    quality.add_argument(
+    when = quality.add_mutually_exclusive_group()
+    when.add_argument(
         "--since-hours",
         type=float,
         metavar="H",
         help="only decisions of the last H hours (default: the whole log)",
+    )
+    when.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only decisions at or after TIME: ISO-8601 (2026-12-01T10:00:00Z; UTC without a "
+        "zone) or a duration before now (90m, 6h, 2d), e.g. the time of a promotion",
+    )
+    quality.add_argument(
+        "--thresholds-version",
+        metavar="V",
+        help="only decisions made under thresholds version V (e.g. the one just promoted: "
+        "the old version's decisions would dominate the window for hours); an unknown V "
+        "exits 2 and names the versions the log has",
     )
     quality.add_argument("--json", action="store_true", help="print JSON instead of tables")
     quality.set_defaults(handler=_quality)

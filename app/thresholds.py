@@ -5,6 +5,7 @@ atomically. A file that fails any check never replaces the active one: the refus
 returned (and logged and counted by the caller) and the old thresholds stay.
 """
 
+import datetime
 import hashlib
 import logging
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,31 @@ class CategoryThreshold(BaseModel):
     positives_needed: int | None = Field(default=None, ge=0)
 
 
+class AuditBoostEntry(BaseModel):
+    """`audit_boost: {hate: {rate: 0.1, until: 2026-12-02T12:00:00Z}}`: while this file is
+    active and until that time, the category's released posts are audited at `rate` instead
+    of the service's own rate (the higher of the two), so that estimates of the new
+    thresholds' recall gather verdicts quickly after a promotion.
+
+    `until` is an absolute time with its zone, not a duration: a duration counted from
+    when a replica loads the file would start again at every restart, days later too.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    rate: float = Field(gt=0.0, le=1.0)
+    # Not strict: YAML gives a datetime for an unquoted time, a string for a quoted one.
+    until: AwareDatetime = Field(strict=False)
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _a_time(cls, value: object) -> object:
+        # Lax datetime parsing would take a number as Unix seconds: only a time is a time.
+        if not isinstance(value, str | datetime.datetime):
+            raise ValueError("expected an ISO-8601 time with its zone, e.g. 2026-12-02T12:00:00Z")
+        return value
+
+
 class ThresholdsFile(BaseModel):
     """The whole YAML document."""
 
@@ -99,6 +125,15 @@ class ThresholdsFile(BaseModel):
     calibration: dict[str, Any] | None = Field(
         default=None, description="provenance: data fingerprint, date, command, ..."
     )
+    audit_boost: dict[str, AuditBoostEntry] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditBoost:
+    """A raised audit rate for one category until `until` (Unix seconds)."""
+
+    rate: float
+    until: float
 
 
 @dataclass(frozen=True)
@@ -115,6 +150,8 @@ class ActiveThresholds:
     recall_targets: dict[str, float | None] = field(default_factory=dict)
     expected_pass_rates: dict[str, float | None] = field(default_factory=dict)
     expected_overall_auto_pass_rate: float | None = None
+    # Per category: a raised audit rate while this version is active (`AuditBoostEntry`).
+    audit_boost: dict[str, AuditBoost] = field(default_factory=dict)
 
     def dispatch(self, scores: dict[str, float]) -> list[str]:
         """Categories whose score exceeds their threshold, in category order."""
@@ -150,6 +187,13 @@ def validate_for_model(
             source,
             f"categories do not match the model: missing {missing}, unknown {unknown}",
         )
+    not_boostable = [c for c in file.audit_boost if c not in categories]
+    if not_boostable:
+        raise ThresholdsError(
+            "categories",
+            source,
+            f"audit_boost names categories the model does not have: {not_boostable}",
+        )
     if file.model_version != model_version:
         raise ThresholdsError(
             "model_version",
@@ -169,6 +213,10 @@ def validate_for_model(
             name: file.categories[name].expected_auto_pass_rate for name in categories
         },
         expected_overall_auto_pass_rate=provenance_rate(overall),
+        audit_boost={
+            name: AuditBoost(entry.rate, entry.until.timestamp())
+            for name, entry in file.audit_boost.items()
+        },
     )
 
 

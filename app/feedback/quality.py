@@ -34,9 +34,11 @@ the misses (tests/feedback/test_quality.py checks its coverage). With no verdict
 showing a miss of the rule the formula gives 0, which would claim certainty from nothing seen:
 `recall_se` is None then.
 
-Each row carries its own audit_rate, so a rate changed mid-window is handled. Verdicts still
-pending are simply absent: a window whose audits come back slower than dispatched verdicts
-overstates recall until they arrive.
+Each row carries its own audit_rate, so a rate changed mid-window (an `audit_boost` after a
+promotion) is handled: the estimate stays unbiased (tests/feedback/test_quality_versions.py).
+`thresholds_version` restricts the estimate to one version's decisions (app/feedback/window.py).
+Verdicts still pending are simply absent: a window whose audits come back slower than
+dispatched verdicts overstates recall until they arrive.
 
 Aggregation runs in the database (one GROUP BY over decisions LEFT JOIN feedback, using their
 (post_id, category) keys), so memory does not grow with the log. The query is written once for
@@ -98,7 +100,7 @@ j AS (
     FROM decisions d
     LEFT JOIN feedback f ON f.post_id = d.post_id AND f.category = d.category
     LEFT JOIN t ON t.category = d.category
-    WHERE d.decided_at >= :since
+    WHERE d.decided_at >= :since{version}
 )
 SELECT category, COUNT(*),
     SUM(CASE WHEN w IS NOT NULL AND disp THEN 1 ELSE 0 END),
@@ -126,13 +128,15 @@ def estimate_quality(
     since: float | None = None,
     *,
     min_audited: int = 30,
+    thresholds_version: str | None = None,
 ) -> dict[str, CategoryQuality]:
     """IPW recall and precision per category (see the module docstring).
 
     categories: those to report, in this order, zero counts for any without decisions
     (default: every category in the window, sorted). taus: judge `score > tau` instead of
     the decisions taken; a category missing from it is judged on the decisions taken.
-    since: only decisions with decided_at >= since (Unix seconds).
+    since: only decisions with decided_at >= since (Unix seconds). thresholds_version: only
+    decisions made under that version (after a promotion, the new thresholds' own quality).
     """
     taus = dict(taus or {})
     # The taus as a table to join, one pair of bound parameters per category.
@@ -141,7 +145,11 @@ def estimate_quality(
     params: dict[str, object] = {"since": float("-inf") if since is None else since}
     for i, (name, tau) in enumerate(taus.items()):
         params[f"c{i}"], params[f"t{i}"] = name, float(tau)
-    query = text(_QUERY.format(taus=table))
+    version = ""
+    if thresholds_version is not None:
+        version = " AND d.thresholds_version = :version"
+        params["version"] = thresholds_version
+    query = text(_QUERY.format(taus=table, version=version))
     rows = {row[0]: tuple(row[1:]) for row in conn.execute(query, params)}
     names = list(rows) if categories is None else list(categories)
     return {name: _quality(name, taus.get(name), rows.get(name), min_audited) for name in names}

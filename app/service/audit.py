@@ -7,10 +7,18 @@ The audited ones do, and their verdicts estimate the recall the router really ac
 
 The draw is a hash of (category, post_id), not a random number: a retried post gets the
 same answer, replicas agree, and an audit can be reproduced from the decision alone.
+
+After a promotion, the active thresholds file may raise one category's rate for a while
+(`audit_boost`, `app.thresholds.AuditBoostEntry`): the new version's recall needs audited
+verdicts of its own, and at a lower tau fewer posts are released to audit. The rate applied
+is logged with every decision (`audit_rate`), and the estimator weights each audited verdict
+by 1 / its own rate, so a rate that changes mid-window keeps the estimate unbiased.
 """
 
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
+
+from app.thresholds import AuditBoost
 
 
 class AuditConfigError(ValueError):
@@ -37,6 +45,21 @@ class AuditSampler:
             )
         self.rates = {name: rates.get(name, default_rate) for name in categories}
 
-    def pick(self, post_id: str, released: Iterable[str]) -> list[str]:
-        """The categories among `released` (not dispatched) whose vertical audits the post."""
-        return [name for name in released if audit_draw(post_id, name) < self.rates[name]]
+    def rates_at(self, boost: Mapping[str, AuditBoost], now: float) -> dict[str, float]:
+        """The rates to apply to a decision made at `now` (Unix seconds) under thresholds
+        with `boost`: a boost still running raises its category's rate, never lowers it."""
+        if not boost:
+            return self.rates
+        rates = dict(self.rates)
+        for name, b in boost.items():
+            if now < b.until and name in rates:
+                rates[name] = max(rates[name], b.rate)
+        return rates
+
+    def pick(
+        self, post_id: str, released: Iterable[str], rates: Mapping[str, float] | None = None
+    ) -> list[str]:
+        """The categories among `released` (not dispatched) whose vertical audits the post,
+        at `rates` (default: the service's own, `rates_at` for a boost)."""
+        rates = self.rates if rates is None else rates
+        return [name for name in released if audit_draw(post_id, name) < rates[name]]

@@ -6,15 +6,15 @@ to every category and flagged (fail-safe), with a bounded reason for the metric.
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from app.model.post import Post
 from app.model.router import Router
-from app.thresholds import ActiveThresholds
+from app.thresholds import ActiveThresholds, AuditBoost
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class Decision:
     dispatch: list[str]
     thresholds_version: str
     fallback_reason: FallbackReason | None = None
+    # That version's audit boost: the audit rates follow the thresholds that decided.
+    audit_boost: Mapping[str, AuditBoost] = field(default_factory=dict)
 
     @property
     def auto_pass(self) -> bool:
@@ -59,10 +61,14 @@ class RouterEngine:
             self.router.predict_proba([Post(title="warm-up", ocr_text="warm-up")])
 
     def fallback(self, thresholds: ActiveThresholds, reason: FallbackReason) -> Decision:
-        return Decision({}, list(self.categories), thresholds.version, reason)
+        return Decision(
+            {}, list(self.categories), thresholds.version, reason, thresholds.audit_boost
+        )
 
     def _decide(self, row: list[float], thresholds: ActiveThresholds) -> Decision:
         if not all(math.isfinite(p) for p in row):
             return self.fallback(thresholds, "bad_output")
         scores = dict(zip(self.categories, row, strict=True))
-        return Decision(scores, thresholds.dispatch(scores), thresholds.version)
+        return Decision(
+            scores, thresholds.dispatch(scores), thresholds.version, None, thresholds.audit_boost
+        )

@@ -3,15 +3,25 @@
 precision over the last `RADAR_QUALITY_WINDOW_HOURS` of its decision log, so dashboards and
 the `RadarEstimatedRecallLow` alert see what `radar quality` prints.
 
+The gauges read only the decisions of the active thresholds version (`radar quality
+--thresholds-version`): at a promotion they restart, NaN at once and until the new version
+has verdicts enough of its own, rather than go on reading the old version's decisions, which
+fill most of a 24 h window for hours (issue 14: the alert kept firing 26 min after a fix). A
+version rolled back to is read with its earlier decisions in the window: the same taus. The
+series keep their labels (no version label): the alerts and dashboards select them as
+before, and `radar_thresholds_info{version}` says which version they describe.
+
 With shadow thresholds loaded, `radar_shadow_online_recall` estimates from the same verdicts
 the recall the candidate's tau would have had (`radar quality --thresholds`), so a dashboard
-can compare both before promotion.
+can compare both before promotion. It reads every version's decisions in the window: the
+weights come from what was done to each post, whichever taus did it.
 
 A gauge is NaN while it cannot be estimated (no verdicts yet, or fewer than 30 audited ones
 for recall): an unknown recall must not read as 0 and page, nor as 1 and reassure.
 """
 
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -24,9 +34,12 @@ from app.feedback.quality import CategoryQuality, estimate_quality
 class QualityGauges:
     def __init__(self, registry: CollectorRegistry, categories: Sequence[str]) -> None:
         self.categories = tuple(categories)
+        self.version: str | None = None  # the thresholds version the gauges describe
+        self._lock = threading.Lock()  # a refresh in its thread against a restart
         self.recall = Gauge(
             "radar_online_recall",
-            "Estimated recall of the active decisions (audited releases, IPW); NaN: unknown.",
+            "Estimated recall of the active thresholds version's decisions (audited releases, "
+            "IPW); NaN: unknown.",
             ["category"],
             registry=registry,
         )
@@ -38,7 +51,7 @@ class QualityGauges:
         )
         self.verdicts = Gauge(
             "radar_quality_verdicts",
-            "Verdicts behind the estimates, in the window.",
+            "Verdicts behind the estimates (active version, in the window).",
             ["category", "kind"],
             registry=registry,
         )
@@ -56,6 +69,16 @@ class QualityGauges:
             ["category"],
             registry=registry,
         )
+        self._unknown()
+
+    def restart(self, version: str) -> None:
+        """A new thresholds version is active: every gauge unknown until the next refresh
+        reads that version's decisions (an older refresh still running is discarded)."""
+        with self._lock:
+            self.version = version
+            self._unknown()
+
+    def _unknown(self) -> None:
         for name in self.categories:
             self.recall.labels(name).set(math.nan)
             self.recall_upper.labels(name).set(math.nan)
@@ -65,15 +88,28 @@ class QualityGauges:
                 self.verdicts.labels(name, kind).set(0)
 
     def refresh(
-        self, engine: Engine, window_s: float, shadow_taus: Mapping[str, float] | None = None
+        self,
+        engine: Engine,
+        window_s: float,
+        shadow_taus: Mapping[str, float] | None = None,
+        version: str | None = None,
     ) -> None:
-        """Re-estimate from the log; the shadow's gauges from `shadow_taus` (None: no shadow)."""
+        """Re-estimate from the log: the decisions of thresholds `version` (None: every
+        version's) in the window; the shadow's gauges from `shadow_taus` (None: no shadow).
+        Left as they are when another version became active meanwhile (`restart`)."""
         since = time.time() - window_s
         with engine.connect() as conn:
-            found = estimate_quality(conn, self.categories, since=since)
+            found = estimate_quality(conn, self.categories, since=since, thresholds_version=version)
             under = {}
             if shadow_taus:
                 under = estimate_quality(conn, self.categories, shadow_taus, since)
+        with self._lock:
+            if version is None or version == self.version:
+                self._set(found, under)
+
+    def _set(
+        self, found: Mapping[str, CategoryQuality], under: Mapping[str, CategoryQuality]
+    ) -> None:
         for name, q in found.items():
             self.recall.labels(name).set(_recall(q))
             self.recall_upper.labels(name).set(_recall_upper(q))

@@ -168,7 +168,6 @@ def _results(
         raise RuntimeError("decisions without a router")
     model_version = state.router.config.model_version
     categories = state.router.categories
-    audit_rates = state.audit.rates if state.audit else {}
     decided_at = time.time()
     results = []
     audited: list[DecisionRecord] = []
@@ -179,7 +178,10 @@ def _results(
         if state.shadow is not None:
             state.shadow.observe(decision.scores)  # counters only: the shadow never acts
         released = [name for name in categories if name not in decision.dispatch]
-        audit = state.audit.pick(post.post_id, released) if state.audit else []
+        # The rates in force for this decision (a boost of its thresholds version included):
+        # the same ones decide the audit and go to the log, where the estimator weights by them.
+        audit_rates = state.audit.rates_at(decision.audit_boost, decided_at) if state.audit else {}
+        audit = state.audit.pick(post.post_id, released, audit_rates) if state.audit else []
         state.metrics.record_audit(audit)
         flags = [Flag.FALLBACK] if decision.fallback_reason else []
         result = RouteResult(

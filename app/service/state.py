@@ -10,6 +10,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from app.feedback.log import DecisionLog, DecisionLogError
+from app.feedback.window import iso
 from app.model.post import Post
 from app.model.router import Router
 from app.model.store import load_router
@@ -161,6 +162,19 @@ class ServiceState:
             self.metrics.reload_failures.labels(result.reason).inc()
         if result.active is not None:
             self.metrics.set_thresholds(result.active)
+        if result.status == "changed" and result.active is not None:
+            # Quality restarts with each version: the old one's decisions say little about it.
+            if self.quality is not None:
+                self.quality.restart(result.active.version)
+            for name, boost in result.active.audit_boost.items():
+                if boost.until > time.time():
+                    log.info(
+                        "audit boost: %s audited at a rate of %g until %s (thresholds %s)",
+                        name,
+                        boost.rate,
+                        iso(boost.until),
+                        result.active.version,
+                    )
         self.refresh_readiness()
 
     def active_thresholds(self) -> ActiveThresholds:
@@ -225,8 +239,13 @@ class ServiceState:
             window_s = self.settings.quality_window_hours * 3600
             shadow = None if self.shadow is None else self.shadow.store.active
             taus = None if shadow is None else shadow.taus
+            active = None if self.thresholds is None else self.thresholds.active
+            if active is None:
+                continue
             self._quality_refresh = asyncio.ensure_future(
-                asyncio.to_thread(self.quality.refresh, self.decision_log.engine, window_s, taus)
+                asyncio.to_thread(
+                    self.quality.refresh, self.decision_log.engine, window_s, taus, active.version
+                )
             )
             try:
                 await asyncio.shield(self._quality_refresh)
