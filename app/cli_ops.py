@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.cli_audit_plan import add_plan_command
+
 
 def _thresholds_validate(args: argparse.Namespace) -> int:
     from app.thresholds import ThresholdsError
@@ -289,6 +291,11 @@ def _add_quality_command(commands: Any) -> None:
     )
     quality.add_argument("--json", action="store_true", help="print JSON instead of tables")
     quality.set_defaults(handler=_quality)
+    # `radar quality plan` (optional: `radar quality` alone estimates, as before).
+    actions = quality.add_subparsers(
+        dest="quality_command", metavar="[plan]", title="action (optional)"
+    )
+    add_plan_command(actions)
 
 
 def add_operations_commands(commands: Any) -> None:
