@@ -127,6 +127,18 @@ def _teach(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lexical(args: argparse.Namespace) -> int:
+    _quiet_loading()
+    result = call_target(args)
+    weights = ", ".join(f"{c} {w:g}" for c, w in result.weights.items())
+    print(f"router with a lexical head saved to {result.out} ({result.model_version})")
+    print(f"blend weights picked on {args.val} (0 = the router alone): {weights}")
+    for category, note in result.notes.items():
+        print(f"radar lexical: warning: {category}: no lexical model ({note})", file=sys.stderr)
+    print(f"next: radar calibrate --model {result.out} --data {args.val} --recall 0.9 --out ...")
+    return 0
+
+
 def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> None:
     """One flag per knob of TrainConfig; defaults are the paper's (see app/training/config)."""
     from typing import get_args
@@ -421,6 +433,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_feature_cache_flag(teach)
     teach.set_defaults(handler=_teach, target=calls("app.training.teach", "teach"))
+
+    lexical = commands.add_parser(
+        "lexical",
+        help="blend a trained router with per-category TF-IDF n-gram models",
+        description="Fit one TF-IDF (word 1-2-grams + char 2-5-grams) + class-balanced "
+        "logistic regression per category on TRAIN, pick per category the blend weight w "
+        "(logits: (1 - w) router + w n-grams; w = 0 keeps the router alone) with the best "
+        "APR@R90 on VAL, and write a model store with a new model_version. Calibrate its "
+        "thresholds next with `radar calibrate`.",
+    )
+    lexical.add_argument(
+        "--model", type=Path, required=True, help="the trained router's model-store directory"
+    )
+    lexical.add_argument("--train", type=Path, required=True, help="training JSONL")
+    lexical.add_argument("--val", type=Path, required=True, help="validation JSONL")
+    lexical.add_argument("--out", type=Path, required=True, help="model-store directory to write")
+    lexical.add_argument(
+        "--model-version", help="the new store's model_version (default: <router's>+lexical)"
+    )
+    lexical.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
+    lexical.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
+    lexical.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+    _add_feature_cache_flag(lexical)
+    lexical.set_defaults(handler=_lexical, target=calls("app.training.lexical", "add_lexical_head"))
 
     evaluate = commands.add_parser(
         "evaluate",

@@ -96,6 +96,9 @@ class RouterConfig(_Strict):
     # trained are in the store's `backbone.safetensors`, loaded over the pretrained ones. The
     # store writes the key only when true, so stores without it read as before.
     full_finetune: bool = False
+    # Blended with a per-category n-gram model (`app.model.lexical`), whose files
+    # (`lexical.json`, `lexical.safetensors`) the store then carries. Written only when true.
+    lexical_head: bool = False
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> "RouterConfig":

@@ -9,6 +9,7 @@ from torch import nn
 
 from app.model.backbones import Backbone
 from app.model.config import HeadConfig, LoraSettings, RouterConfig
+from app.model.lexical import LexicalHead
 from app.model.post import Post
 
 
@@ -47,6 +48,9 @@ class Router(nn.Module):
         self.mlp, shared_dim = build_mlp(self.base_backbone.hidden_size, config.head)
         # One independent binary head per category (named, so the saved keys say which).
         self.heads = nn.ModuleDict({name: nn.Linear(shared_dim, 1) for name in config.categories})
+        # The n-gram model blended into `predict_proba` (router.json `lexical_head`), fitted
+        # after training; `forward`, what training differentiates, never sees it.
+        self.lexical: LexicalHead | None = None
 
     @property
     def base_backbone(self) -> Backbone:
@@ -91,11 +95,17 @@ class Router(nn.Module):
         """`p_k = sigmoid(logit_k)`, `[batch, K]` on the CPU; for serving and evaluation.
 
         Always in eval mode (no dropout), whatever mode the router is in; the mode is restored.
+        With a lexical head, the logits are blended with its n-gram logits first.
         """
         was_training = self.training
         self.eval()
         try:
-            return torch.sigmoid(self.forward(self.build_inputs(posts))).cpu()
+            logits = self.forward(self.build_inputs(posts))
+            if self.lexical is None:
+                return torch.sigmoid(logits).cpu()
+            texts = [post.text() for post in posts]
+            blended = self.lexical.blend(texts, logits.double().cpu().numpy())
+            return torch.sigmoid(torch.from_numpy(blended)).float()
         finally:
             self.train(was_training)
 

@@ -9,6 +9,8 @@ Layout (DESIGN.md):
                            weight the fine-tune trained (`finetuned_parameters`), loaded over
                            the pretrained weights at `backbone.path`
     backbone/              optional: a backbone shipped with the router (the tiny test model)
+    lexical.json           only when router.json says `"lexical_head": true`: the n-gram
+    lexical.safetensors    model blended with the router's logits (app/model/lexical.py)
 """
 
 import json
@@ -32,6 +34,7 @@ from app.model.config import (
 )
 from app.model.errors import ModelStoreError
 from app.model.files import is_dir, is_file
+from app.model.lexical import LEXICAL_CONFIG, LEXICAL_WEIGHTS, load_lexical_head
 from app.model.router import Router, wrap_with_lora
 
 # Loading must never reach a model hub: every path is local.
@@ -57,6 +60,8 @@ def write_config(config: RouterConfig, store_dir: Path) -> None:
     if not config.full_finetune:
         # Written only when true, so that a LoRA store stays readable by older code.
         del data["full_finetune"]
+    if not config.lexical_head:
+        del data["lexical_head"]
     path = Path(store_dir) / CONFIG_FILE
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -83,7 +88,7 @@ def copy_router(source: Path | str, target: Path | str, extra_files: tuple[str, 
     config = read_config(source)
     target.mkdir(parents=True, exist_ok=True)
     write_config(relocate_config(config, source, target), target)
-    for name in (HEAD_FILE, BACKBONE_FILE, *extra_files):
+    for name in (HEAD_FILE, BACKBONE_FILE, LEXICAL_CONFIG, LEXICAL_WEIGHTS, *extra_files):
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
     if (source / ADAPTER_DIR).is_dir():
@@ -127,6 +132,10 @@ def save_router(router: Router, store_dir: Path | str) -> Path:
         state = {k: v.detach().contiguous().cpu() for k, v in weights}
         save_file(state, str(store_dir / BACKBONE_FILE))
     save_file(head_state(router), str(store_dir / HEAD_FILE))
+    if router.config.lexical_head:
+        if router.lexical is None:
+            raise ValueError("router.json says lexical_head but the router has none")
+        router.lexical.save(store_dir)
     return store_dir
 
 
@@ -157,6 +166,8 @@ def load_router(
             backbone.requires_grad_(False)
     router = Router(config, backbone)
     _load_head(router, store_dir / HEAD_FILE)
+    if config.lexical_head:
+        router.lexical = load_lexical_head(store_dir, config.categories)
     router.place(device)
     router.train(trainable)
     return router

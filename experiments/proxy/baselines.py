@@ -13,9 +13,10 @@ scores every test post for every category, optionally scores the router with
 APR ceiling) and the paired-bootstrap intervals of router − TF-IDF, and writes it all to
 `--out`/baselines.json (plus both score matrices, `scores.npz`, to re-bootstrap for free).
 
-The model: word 1–2-grams and char_wb 2–5-grams (TF-IDF, sublinear tf, min_df 2, one
-`FeatureUnion`) into `LogisticRegression(class_weight="balanced", max_iter=2000)`. Its text
-is `Post(title, ocr_text).text()`, the string the router reads, so the same normalisation
+The model: word 1–2-grams and char_wb 2–5-grams (TF-IDF, sublinear tf, min_df 2, side by
+side) into `LogisticRegression(class_weight="balanced", max_iter=2000)`, fitted by
+`app.training.lexical`, the code that gives a router its lexical head. Its text is
+`Post(title, ocr_text).text()`, the string the router reads, so the same normalisation
 applies to both. It sees no image: on memes it reads only the OCR text.
 """
 
@@ -29,9 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import FeatureUnion, Pipeline
 
 from app.data.records import LoadedRecord, label_matrix, load_records
 from app.evaluation.bootstrap import (
@@ -43,7 +41,8 @@ from app.evaluation.bootstrap import (
 )
 from app.evaluation.evaluate import ScoredData, json_safe, oracle_table, score_data
 from app.evaluation.metrics import EvaluationReport, evaluate_scores
-from app.model.post import Post
+from app.model.lexical import LexicalModel
+from app.training.lexical import fit_lexical_models, record_text
 from experiments.proxy.sources import CATEGORIES
 
 TFIDF = "TF-IDF + LR"
@@ -87,35 +86,15 @@ class ScoreMatrix:
 
 def post_text(item: LoadedRecord) -> str:
     """The text the router reads for this record (title and OCR text, normalised)."""
-    return Post(title=item.record.title, ocr_text=item.record.ocr_text).text()
-
-
-def tfidf_pipeline() -> Pipeline:
-    """Word 1–2-gram + char_wb 2–5-gram TF-IDF into a class-balanced logistic regression."""
-    features = FeatureUnion(
-        [
-            (
-                "word",
-                TfidfVectorizer(analyzer="word", ngram_range=(1, 2), sublinear_tf=True, min_df=2),
-            ),
-            (
-                "char",
-                TfidfVectorizer(
-                    analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=2
-                ),
-            ),
-        ]
-    )
-    classifier = LogisticRegression(class_weight="balanced", max_iter=2000)
-    return Pipeline([("features", features), ("classifier", classifier)])
+    return record_text(item)
 
 
 @dataclass
 class TfidfBaseline:
-    """One fitted pipeline per category; a category it cannot fit scores a constant."""
+    """One fitted n-gram model per category; a category it cannot fit scores a constant."""
 
     categories: tuple[str, ...]
-    models: dict[str, Pipeline] = field(default_factory=dict)
+    models: dict[str, LexicalModel] = field(default_factory=dict)
     # Categories without both classes among their annotated training posts: a constant
     # score ranks nothing, which the metrics then show, instead of a crash.
     constant: dict[str, float] = field(default_factory=dict)
@@ -127,31 +106,22 @@ class TfidfBaseline:
         scores = np.empty((len(texts), len(self.categories)))
         for k, category in enumerate(self.categories):
             if category in self.models:
-                scores[:, k] = self.models[category].predict_proba(list(texts))[:, 1]
+                scores[:, k] = 1 / (1 + np.exp(-self.models[category].decision(texts)))
             else:
                 scores[:, k] = self.constant[category]
         return scores
 
 
 def train_tfidf(records: Sequence[LoadedRecord], categories: Sequence[str]) -> TfidfBaseline:
-    """Fit each category's pipeline on that category's own annotated posts (label ≠ -1)."""
-    baseline = TfidfBaseline(tuple(categories))
-    texts = [post_text(item) for item in records]
+    """Fit each category's model on that category's own annotated posts (label ≠ -1): the
+    code that fits a router's lexical head (`app.training.lexical`), so the two are one."""
+    fit = fit_lexical_models(records, categories)
+    baseline = TfidfBaseline(tuple(categories), fit.models, {}, fit.notes, fit.seconds)
     labels = label_matrix(records, categories)
     for k, category in enumerate(categories):
-        keep = np.flatnonzero(labels[:, k] != -1)
-        y = labels[keep, k]
-        if keep.size == 0 or np.unique(y).size < 2:
-            baseline.constant[category] = float(y.mean()) if keep.size else 0.0
-            baseline.notes[category] = (
-                f"{keep.size} annotated training posts, not both classes: constant score"
-            )
-            continue
-        started = time.perf_counter()
-        model = tfidf_pipeline()
-        model.fit([texts[i] for i in keep], y)
-        baseline.models[category] = model
-        baseline.fit_seconds[category] = round(time.perf_counter() - started, 1)
+        if category not in fit.models:
+            annotated = labels[labels[:, k] != -1, k]
+            baseline.constant[category] = float(annotated.mean()) if annotated.size else 0.0
     return baseline
 
 

@@ -7,7 +7,9 @@ calibration → docs/results.md):
 
 Rows, all on the MiniLM + EfficientNet-Lite0 dual encoder (real weights): the per-category
 experts (K = 1 each, on their own pipeline's samples), "BCE w/o mask", masked BCE (λ = 0),
-masked BCE + distillation (λ = 0.5, teachers = the experts), and λ ∈ {0.25, 0.75, 1}.
+masked BCE + distillation (λ = 0.5, teachers = the experts), and λ ∈ {0.25, 0.75, 1}; then
+the shipped router: λ = 0.5 with a lexical head (`app.training.lexical`: per-category n-gram
+models blended in with weights picked on validation), whose thresholds are calibrated.
 Two baselines on the same test split: per-category TF-IDF + logistic regression
 (`experiments.proxy.baselines`) and the previously shipped router (`--previous-router`,
 copied into the work directory first, so `--ship` cannot overwrite it before it is scored).
@@ -32,12 +34,14 @@ from app.evaluation.evaluate import ScoredData, score_data
 from app.model.config import read_config
 from app.model.store import copy_router
 from app.training.config import TrainConfig
+from app.training.lexical import add_lexical_head
 from app.training.teach import teach
 from app.training.trainer import CONFIG_FILE, train
 from experiments.proxy.baselines import TFIDF, ScoreMatrix, router_scores, tfidf_scores
 from experiments.proxy.data import build_proxy_dataset
 from experiments.proxy.results import (
     PREVIOUS,
+    SHIPPED,
     ThresholdCheck,
     calibrate_and_check,
     ordering_bootstraps,
@@ -78,6 +82,7 @@ class Benchmark:
     manifest: dict[str, Any] = field(default_factory=dict)
     scores: dict[str, ScoreMatrix] = field(default_factory=dict)  # test scores per row
     orderings: dict[str, PairedBootstrap] = field(default_factory=dict)  # per ordering claim
+    blend_weights: dict[str, float] = field(default_factory=dict)  # the lexical head's w
 
     def timed(self, name: str, work: Callable[[], Any]) -> Any:
         started = time.perf_counter()
@@ -214,6 +219,22 @@ def run(bench: Benchmark) -> None:
                 model_version=f"proxy-{directory.name}",
             ),
         )
+    shipped = bench.out / "router-lexical"
+    bench.blend_weights = bench.timed(
+        "lexical head",
+        lambda: (
+            add_lexical_head(
+                routers["λ=0.5"],
+                data / "train.jsonl",
+                data / "val.jsonl",
+                shipped,
+                batch_size=bench.batch_size,
+                progress=False,
+                feature_cache=bench.feature_cache,
+            ).weights
+        ),
+    )
+    routers[SHIPPED] = shipped
     test = data / "test.jsonl"
     bench.scores["experts"] = bench.timed(
         "evaluate experts",
@@ -248,9 +269,9 @@ def run(bench: Benchmark) -> None:
         bench.thresholds[f"{recall:.2f}"] = bench.timed(
             f"calibrate R={recall}",
             lambda r=recall: calibrate_and_check(
-                routers["λ=0.5"],
+                shipped,
                 data / "val.jsonl",
-                scored["λ=0.5"],
+                scored[SHIPPED],
                 r,
                 bench.out,
                 bench.batch_size,
@@ -306,14 +327,12 @@ def _evaluate_experts(
 
 
 def ship(bench: Benchmark, model_store: Path, thresholds: Path) -> None:
-    """Copy the masked + distilled router (no checkpoints) and its R = 0.90 thresholds."""
+    """Copy the shipped router (λ = 0.5 + lexical head) and its R = 0.90 thresholds."""
     if model_store.exists():
         shutil.rmtree(model_store)
-    copy_router(
-        bench.out / "router-lambda0.5",
-        model_store,
-        extra_files=("training_config.json", "train_log.jsonl"),
-    )
+    copy_router(bench.out / "router-lexical", model_store, extra_files=("lexical_fit.json",))
+    for name in ("training_config.json", "train_log.jsonl"):  # the neural part's provenance
+        shutil.copyfile(bench.out / "router-lambda0.5" / name, model_store / name)
     shutil.copyfile(bench.thresholds["0.90"].path, thresholds)
 
 
@@ -400,8 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--ship",
         action="store_true",
-        help="copy the λ=0.5 router to model_store/proxy and its thresholds "
-        "to thresholds/proxy.yaml",
+        help="copy the shipped router (λ = 0.5 + lexical head) to model_store/proxy and its "
+        "R = 0.90 thresholds to thresholds/proxy.yaml",
     )
     args = parser.parse_args(argv)
     bench = Benchmark(

@@ -75,7 +75,8 @@ def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
         "BCE w/o mask",
         "masked BCE + distill (λ = 0.5)",
         "TF-IDF + LR (per category, text only)",
-        "previous router (shipped before this run)",
+        "previous router (`--previous-router`)",
+        "**shipped: λ = 0.5 + lexical head**",
     ):
         assert row in text
     assert set(bench.reports) == {
@@ -88,7 +89,10 @@ def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
         "λ=0.5",
         "λ=0.75",
         "λ=1",
+        "shipped",
     }
+    assert set(bench.blend_weights) == set(bench.reports["λ=0.5"]["categories"])
+    assert "of the oracle ceiling's average" in text
     categories = list(bench.reports["λ=0.5"]["categories"])
     assert len(categories) >= 5
     assert set(bench.thresholds) == {"0.90", "0.95"}
@@ -126,6 +130,8 @@ def test_benchmark_runs_every_stage(tmp_path, monkeypatch) -> None:
     )
     assert set(active.taus) == set(categories)
     assert not (tmp_path / "store" / "checkpoints").exists()
+    # What ships is the blended router, the one the thresholds were calibrated on.
+    assert router.lexical is not None and router.config.model_version.endswith("+lexical")
 
 
 def distinct_images(data: Path) -> int:
