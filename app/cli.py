@@ -452,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     lexical.add_argument(
         "--model-version", help="the new store's model_version (default: <router's>+lexical)"
     )
+    lexical.add_argument(
+        "--max-chars",
+        type=int,
+        default=1000,
+        help="characters of each post the n-gram models read, in training and serving: "
+        "their cost grows with the text (1000)",
+    )
     lexical.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
     lexical.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
     lexical.add_argument(

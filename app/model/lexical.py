@@ -10,7 +10,11 @@ router's score for category k is then
 
 with `w_k` in [0, 1] picked per category on the validation split (`app.training.lexical`):
 w = 0 is the neural router alone, w = 1 the n-gram model alone. It reads `Post.text()`, the
-normalised string every backbone reads, and costs a few sparse dot products per post.
+normalised string every backbone reads, cut to its first `max_chars` characters (1,000 for
+`radar lexical`): n-gram analysis costs time in proportion to the text, and unbounded it was
+0.3 s a post for the 2 × 10,000 characters a request may carry, on the model thread; at 1,000
+it is ~15 ms, about a forward's share, while 99 % of the corpus's training posts are shorter
+(857 characters at the 99th percentile; the neural encoder reads 64 tokens).
 
 Stored without pickle (a model store is code-free data: `torch.load` and `joblib` both run
 code from the file): `lexical.json` holds the vectorizer settings, each category's vocabulary
@@ -44,6 +48,11 @@ ANALYZERS: dict[str, dict[str, Any]] = {
     "word": {"analyzer": "word", "ngram_range": (1, 2), "sublinear_tf": True, "min_df": 2},
     "char": {"analyzer": "char_wb", "ngram_range": (2, 5), "sublinear_tf": True, "min_df": 2},
 }
+
+
+def truncate(text: str, max_chars: int | None) -> str:
+    """The part of `text` the n-gram models read: its first `max_chars` characters."""
+    return text if max_chars is None else text[:max_chars]
 
 
 def new_vectorizer(part: str, vocabulary: Sequence[str] | None = None) -> TfidfVectorizer:
@@ -84,6 +93,7 @@ class LexicalHead:
     models: Mapping[str, LexicalModel]
     weights: Mapping[str, float]  # 0 for a category without a model
     fitted_on: str = ""  # provenance: what the models were trained on
+    max_chars: int | None = None  # texts are cut to this many characters (None: whole)
 
     def __post_init__(self) -> None:
         for category, weight in self.weights.items():
@@ -98,6 +108,7 @@ class LexicalHead:
     def logits(self, texts: Sequence[str]) -> np.ndarray:
         """`[N, K]` lexical logits in category order (0 for a category without a model)."""
         out = np.zeros((len(texts), len(self.categories)))
+        texts = [truncate(text, self.max_chars) for text in texts]
         for k, category in enumerate(self.categories):
             if category in self.models and self.weights.get(category, 0.0) > 0:
                 out[:, k] = self.models[category].decision(texts)
@@ -128,6 +139,7 @@ class LexicalHead:
             },
             "weights": dict(self.weights),
             "fitted_on": self.fitted_on,
+            "max_chars": self.max_chars,
             "models": models,
         }
         save_file(tensors, str(store_dir / LEXICAL_WEIGHTS))
@@ -185,4 +197,7 @@ def _head_from(
         intercept = float(tensors[f"{category}.intercept"][0])
         models[category] = LexicalModel(vectorizers, coef, intercept)
     weights = {str(k): float(v) for k, v in config["weights"].items()}
-    return LexicalHead(categories, models, weights, str(config.get("fitted_on", "")))
+    max_chars = config.get("max_chars")
+    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
+        raise ValueError(f"max_chars must be a positive integer or null, got {max_chars!r}")
+    return LexicalHead(categories, models, weights, str(config.get("fitted_on", "")), max_chars)

@@ -36,13 +36,15 @@ from app.data.scoring import predict
 from app.evaluation.evaluate import resolve_device
 from app.evaluation.metrics import evaluate_scores
 from app.model.config import read_config
-from app.model.lexical import ANALYZERS, LexicalHead, LexicalModel, new_vectorizer
+from app.model.lexical import ANALYZERS, LexicalHead, LexicalModel, new_vectorizer, truncate
 from app.model.post import Post
 from app.model.store import copy_router, load_router, write_config
 
 log = logging.getLogger(__name__)
 
 WEIGHT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+# What a served lexical head reads of a post (app/model/lexical.py says why).
+MAX_LEXICAL_CHARS = 1000
 MAX_ITER = 2000
 
 
@@ -77,10 +79,13 @@ class LexicalFit:
     seconds: dict[str, float]
 
 
-def fit_lexical_models(records: Sequence[LoadedRecord], categories: Sequence[str]) -> LexicalFit:
-    """One model per category on its own annotated posts (label ≠ -1); a category without
-    both classes among them gets none (and a note), not a crash."""
-    texts = [record_text(item) for item in records]
+def fit_lexical_models(
+    records: Sequence[LoadedRecord], categories: Sequence[str], max_chars: int | None = None
+) -> LexicalFit:
+    """One model per category on its own annotated posts (label ≠ -1), each text cut to
+    `max_chars` as the served head cuts it; a category without both classes among them gets
+    none (and a note), not a crash."""
+    texts = [truncate(record_text(item), max_chars) for item in records]
     labels = label_matrix(records, categories)
     fit = LexicalFit({}, {}, {})
     for k, category in enumerate(categories):
@@ -147,18 +152,21 @@ def add_lexical_head(
     out: Path,
     *,
     model_version: str | None = None,
+    max_chars: int | None = MAX_LEXICAL_CHARS,
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
     feature_cache: Path | None = None,
 ) -> LexicalResult:
     """Fit, pick the weights on `val`, write the blended store to `out` (see the module)."""
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
     config = read_config(model)
     if config.lexical_head:
         raise ValueError(f"{model} already has a lexical head; start from the router alone")
     categories = config.categories
     trained = load_records(train, categories, allow_other_categories=True)
-    fit = fit_lexical_models(trained.records, categories)
+    fit = fit_lexical_models(trained.records, categories, max_chars)
     if not fit.models:
         raise ValueError(f"no category of {train} has both classes: nothing to fit")
     validation = load_records(val, categories, allow_other_categories=True)
@@ -166,7 +174,7 @@ def add_lexical_head(
     router.use_feature_cache(feature_cache)
     dataset = PostDataset(validation.records, categories)
     router_logits = _logit(predict(router, dataset, batch_size, progress))
-    texts = [record_text(item) for item in validation.records]
+    texts = [truncate(record_text(item), max_chars) for item in validation.records]
     lexical_logits = np.column_stack(
         [
             fit.models[c].decision(texts) if c in fit.models else np.zeros(len(texts))
@@ -177,7 +185,9 @@ def add_lexical_head(
     weights = choose_weights(labels, router_logits, lexical_logits, categories, list(fit.models))
     version = model_version or f"{config.model_version}+lexical"
     kept = {c: m for c, m in fit.models.items() if weights[c] > 0}
-    blended = LexicalHead(categories, kept, weights, fitted_on=f"{train} (weights on {val})")
+    blended = LexicalHead(
+        categories, kept, weights, fitted_on=f"{train} (weights on {val})", max_chars=max_chars
+    )
     out = Path(out)
     copy_router(model, out)
     copied = read_config(out)

@@ -157,3 +157,22 @@ def test_weights_are_checked() -> None:
         LexicalHead(CATEGORIES, {"lqc": model}, {"rcs": 0.5})
     with pytest.raises(ValueError, match="lacks"):
         LexicalHead(CATEGORIES, {"spam": model}, {"spam": 0.5})
+
+
+def test_the_head_reads_only_the_first_max_chars_of_a_text(
+    tiny_store: Path, tmp_path: Path
+) -> None:
+    texts, labels = texts_and_labels(60)
+    model = fit_lexical_model(texts, labels)
+    head = LexicalHead(CATEGORIES, {"lqc": model}, {"lqc": 1.0}, max_chars=40)
+    long = "my cat on the sofa, sunny walk " + "win cruise claim " * 500
+    assert head.logits([long])[0, 0] == head.logits([long[:40]])[0, 0]
+    assert (
+        head.logits([long])[0, 0]
+        != LexicalHead(CATEGORIES, {"lqc": model}, {"lqc": 1.0}).logits([long])[0, 0]
+    )
+    router = load_router(tiny_store)
+    router.lexical = head
+    router.config = router.config.model_copy(update={"lexical_head": True})
+    save_router(router, tmp_path / "store")
+    assert json.loads((tmp_path / "store" / LEXICAL_CONFIG).read_text())["max_chars"] == 40
