@@ -238,6 +238,14 @@ def _ordering(bench: "Benchmark") -> list[str]:
     return lines
 
 
+def _reused_time(seconds: float | None, estimate: float | None) -> str:
+    if seconds:
+        return f"{seconds:.0f} s"
+    if estimate:
+        return f"≈ {estimate:.0f} s from its recorded samples/s, validations not counted"
+    return "time not recorded"
+
+
 def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> Path:
     """docs/results.md: the command, sizes, timings, the four-row tables and the λ sweep."""
     categories = list(bench.reports["λ=0.5"]["categories"])
@@ -245,7 +253,7 @@ def write_results(bench: "Benchmark", path: Path = Path("docs/results.md")) -> P
     sizes = ", ".join(f"{name} {split.get('posts', '?'):,}" for name, split in splits.items())
     timing = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in bench.timings.items())
     reused = ", ".join(
-        f"{name} ({f'{seconds:.0f} s' if seconds else 'time not recorded'})"
+        f"{name} ({_reused_time(seconds, bench.estimated.get(name))})"
         for name, seconds in bench.reused.items()
     )
     text = [

@@ -142,3 +142,11 @@ def distinct_images(data: Path) -> int:
             for image in json.loads(line)["images"]:
                 digests.add(hashlib.sha256((data / image).read_bytes()).hexdigest())
     return len(digests)
+
+
+def test_a_reused_run_without_its_seconds_gets_them_from_its_recorded_rate() -> None:
+    from experiments.proxy.benchmark import _seconds_from_rate
+
+    saved = {"samples_per_s": 16.0, "steps": 10, "config": {"batch_size": 32, "grad_accum": 2}}
+    assert _seconds_from_rate(saved) == 40.0
+    assert _seconds_from_rate({"steps": 10, "config": {"batch_size": 32}}) is None
