@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from typing import Any, TypeVar
 
 import httpx
 import yaml
+
+from benchmarks.loadgen import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -28,14 +31,6 @@ T = TypeVar("T")
 
 class DrillError(RuntimeError):
     """A drill step did not happen in its time, or a process of the stack died."""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def drill_rules(for_overrides: Mapping[str, str]) -> tuple[str, dict[str, tuple[str, str]]]:
@@ -131,6 +126,62 @@ class PrometheusAPI:
         body = self.client.get("/api/v1/rules").json()
         groups = body.get("data", {}).get("groups", [])
         return {rule["name"] for group in groups for rule in group["rules"]}
+
+
+@dataclass
+class AlertLog:
+    """Every state each (alert, category) was seen in, and when (monotonic seconds)."""
+
+    first: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    last: dict[tuple[str, str, str], float] = field(default_factory=dict)
+
+    def see(self, alerts: list[dict[str, Any]], now: float) -> None:
+        for alert in alerts:
+            key = (
+                alert["labels"]["alertname"],
+                alert["labels"].get("category", ""),
+                alert["state"],
+            )
+            self.first.setdefault(key, now)
+            self.last[key] = now
+
+    def categories(self, alertname: str) -> set[str]:
+        return {category for name, category, _ in self.first if name == alertname}
+
+
+class Watcher(threading.Thread):
+    """Polls Prometheus' /api/v1/alerts every half second into an AlertLog."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(name="drill-alerts", daemon=True)
+        self.base_url = base_url
+        self.log = AlertLog()
+        self.now: list[dict[str, Any]] = []
+        self.halt = threading.Event()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base_url, timeout=10.0) as client:
+            api = PrometheusAPI(client)
+            while not self.halt.is_set():
+                try:
+                    alerts = api.alerts()
+                except (httpx.HTTPError, DrillError):
+                    alerts = None
+                if alerts is not None:
+                    with self.lock:
+                        self.log.see(alerts, time.monotonic())
+                        self.now = alerts
+                self.halt.wait(0.5)
+
+    def state(self, alertname: str, category: str) -> str | None:
+        """'pending', 'firing', or None (inactive) at the last poll."""
+        with self.lock:
+            for alert in self.now:
+                labels = alert["labels"]
+                if labels["alertname"] == alertname and labels.get("category") == category:
+                    return str(alert["state"])
+        return None
 
 
 @dataclass

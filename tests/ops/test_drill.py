@@ -59,7 +59,7 @@ def test_a_recall_drop_fires_is_fixed_for_its_category_alone_and_resolves(
     # The shadow's tau and its recall on the same verdicts, before it acts.
     assert result.shadow_tau == pytest.approx(result.tau_after[c])
     assert result.shadow_recall >= 0.9 > result.active_recall_before_promote, report
-    assert "candidate" in result.quality_output or c in result.quality_output
+    assert "(version drill-2)" in result.quality_output  # radar quality --thresholds ran
 
     # Promoted: resolved within seconds (the gauges restart: NaN never fires), and quiet once
     # the new version's own estimate has a value, above target - 0.10.
