@@ -59,6 +59,7 @@ class DecisionRecord(NamedTuple):
     thresholds_version: str | None
     model_version: str
     decided_at: float
+    unanswered: str | None = None  # why the caller never got it (504 ...); None: answered
 
 
 @dataclass(frozen=True)

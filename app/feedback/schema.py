@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Float,
     Index,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
     text,
 )
 from sqlalchemy.engine import URL, make_url
@@ -44,6 +46,10 @@ decisions = Table(
     Column("thresholds_version", Text),
     Column("model_version", Text, nullable=False),
     Column("decided_at", Float, nullable=False),  # Unix seconds
+    # NULL: the caller got this decision. Else why it never did, the model having computed it
+    # (`deadline`: answered 504; `client_gone`; `error`): nothing acted on it, a retry of the
+    # post replaces it. Added after the first release: `create_tables` adds it to old logs.
+    Column("unanswered", Text),
     PrimaryKeyConstraint("post_id", "category"),
     Index("decisions_by_time", "decided_at"),
 )
@@ -134,6 +140,23 @@ def create_tables(engine: Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
         metadata.create_all(conn, checkfirst=True)
+        _add_new_columns(conn)
+
+
+def _add_new_columns(conn: Connection) -> None:
+    """Columns the tables gained since a log was created, added to it (nullable, so old
+    rows read as they meant). A writer of the previous release names its columns in its
+    INSERT, so it goes on writing into the wider table during a rolling upgrade."""
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:  # a NOT NULL column cannot be added to rows that exist
+                raise RuntimeError(f"cannot add NOT NULL column {table.name}.{column.name}")
+            kind = column.type.compile(dialect=conn.dialect)
+            # Only the schema's own identifiers and types are formatted in.
+            conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"))
 
 
 def _sqlite_engine(url: URL, readonly: bool) -> Engine:

@@ -9,8 +9,30 @@ single worker thread that owns the device, so the event loop never blocks on the
 Admission: a bounded queue alone does not keep answers in time. When the queue holds more
 than the model can clear before the callers' deadline, every queued post expires and the
 goodput collapses (each answer a 504 after the whole deadline). `admit` refuses a request at
-once (503 + Retry-After) when the queue's expected wait, from the measured batch cycle time
-per post, would take more than `ADMIT_SHARE` of the request's remaining time.
+once (503 + Retry-After), from the measured batch cycle time per post, when the wait before
+its first post reaches the model would take more than `ADMIT_SHARE` of its remaining time,
+or the wait plus its own posts more than `FINISH_SHARE`.
+
+Fairness between requests of different sizes (issue 14, item 6). The wait and the request's
+own posts are weighed apart: weighing a 64-post batch's own model time against
+`ADMIT_SHARE` (64 x 19 ms = 1.2 s > 0.3 x 2 s on CPU) refused it whenever anything at all
+was queued, so a caller of batches got 503 after 503 while a caller of single posts kept
+routing. And under overload, small requests fill every gap a large one could use: a single
+post needs the queue to hold at most 0.3 of a deadline's work, a 64-post batch needs it far
+shorter. So a large request refused for capacity leaves a *claim* on its size for
+`CLAIM_RETRIES` Retry-After periods: smaller requests are then admitted only while the
+queue stays short enough for the largest claim to fit beside them (`FINISH_SHARE`), so it
+drains to what the large request needs and its retry gets in. We chose this over splitting
+a request (an answer is all or nothing: a half-admitted batch is work thrown away) and over
+round-robin in the queue (it orders posts already admitted; the starvation is at the door).
+It keeps the overload protection: a claim only ever makes admission stricter, it holds one
+size per entry (bounded by `RADAR_MAX_POSTS_PER_REQUEST`), it lapses by itself, and a request
+that could not finish in time even in an empty queue leaves none. Refusing still costs no
+work: the check is arithmetic on counters.
+
+A post whose caller stopped waiting (504, hang-up) while it was in the forward still gets its
+decision computed; `submit`'s `unclaimed` callback receives it (the decision log keeps it,
+flagged) instead of it being thrown away.
 """
 
 import asyncio
@@ -37,6 +59,15 @@ RunBatch = Callable[[Sequence[Post]], list[Decision]]
 # answer's way back. 0.5 still let ~6 % of requests time out at 5x saturation on 2 CPUs
 # (docs/reliability.md); at 0.3 none did, and the queue still holds several full batches.
 ADMIT_SHARE = 0.3
+# The wait plus the request's own posts may take at most this share of its remaining time: the
+# rest covers reading the request, estimate noise and the answer's way back. The request's own
+# posts go to the model in full batches, which cost no more per post than the cycles the
+# estimate was measured on, so this share can be much larger than ADMIT_SHARE. For a single
+# post it adds nothing to ADMIT_SHARE's check.
+FINISH_SHARE = 0.8
+# A large request refused for capacity keeps its room this many Retry-After periods: a caller
+# that retries as told finds the queue drained to what it needs.
+CLAIM_RETRIES = 2
 # Weight of the newest batch in the moving average of cycle time per post: quick to follow
 # a slowdown (a median of recent batches lagged, and admitted posts then timed out).
 COST_EWMA = 0.2
@@ -57,6 +88,7 @@ class _Pending:
     post: Post
     deadline: float  # time.monotonic()
     future: asyncio.Future[Decision]
+    unclaimed: Callable[[Decision], None] | None = None  # the decision of a cancelled future
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -94,7 +126,11 @@ class DynamicBatcher:
         self._in_model = 0  # posts in the forward now running
         self._reserved = 0  # admitted posts not queued yet (images decoding)
         self._solo_streak = 0  # single-post batches in a row, just before this one
+        # Claims of large requests refused for capacity: posts -> when the claim lapses
+        # (time.monotonic()). One entry per size, so at most max_posts_per_request entries.
+        self._claims: dict[int, float] = {}
         metrics.track_queue(self._queue.qsize)
+        metrics.track_claims(self.claimed_posts)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -122,22 +158,64 @@ class DynamicBatcher:
         Zero with nothing ahead, whatever the estimate: an idle router always admits, so a
         stale estimate (one slow batch) can never refuse every request for good.
         """
-        ahead = max(self._queue.qsize() + self._in_model + self._reserved, pending)
+        ahead = self._ahead(pending)
         if self._post_cost_s is None or ahead == 0:
             return 0.0
         return (ahead + posts - 1) * self._post_cost_s
 
-    def admit(self, posts: int, deadline: float, pending: int = 0) -> None:
+    def _ahead(self, pending: int) -> int:
+        return max(self._queue.qsize() + self._in_model + self._reserved, pending)
+
+    def claimed_posts(self, smaller_than: int | None = None) -> int:
+        """The largest live claim (0: none), only among claims larger than `smaller_than`
+        posts when given: the room a request of that size must leave."""
+        now = time.monotonic()
+        for size, until in list(self._claims.items()):
+            if until <= now:
+                del self._claims[size]
+        sizes = [n for n in self._claims if smaller_than is None or n > smaller_than]
+        return max(sizes, default=0)
+
+    def admit(self, posts: int, deadline: float, pending: int = 0, *, claims: bool = True) -> None:
         """Raise a 503 error now if `posts` more would overflow the queue or, by the recent
-        model time per post, likely miss `deadline` (`time.monotonic()`) while queued."""
+        model time per post, likely miss `deadline` (`time.monotonic()`): the wait before
+        the first of them against `ADMIT_SHARE` of the time left, the wait and all of them
+        (and the room claimed by larger refused requests) against `FINISH_SHARE`.
+
+        `claims=False` before the body is read (the admission middleware): the request's
+        size is not known yet, and a claimer's own retry must not be refused by its claim.
+        """
         if self._queue.qsize() + posts > self._queue.maxsize:
             self._metrics.rejected.labels("queue_full").inc()
             raise QueueFullError("the router's queue is full", self.retry_after_s)
-        if self.expected_wait_s(posts, pending) > ADMIT_SHARE * (deadline - time.monotonic()):
-            self._metrics.rejected.labels("overloaded").inc()
-            raise OverloadedError(
-                "the router cannot answer within the deadline now", self.retry_after_s
-            )
+        if self._fits(posts, deadline, pending, claims):
+            if claims:
+                self._claims.pop(posts, None)  # a claimer's retry got in: its room is free
+            return
+        if claims:
+            self._claim(posts, deadline)
+        self._metrics.rejected.labels("overloaded").inc()
+        raise OverloadedError(
+            "the router cannot answer within the deadline now", self.retry_after_s
+        )
+
+    def _fits(self, posts: int, deadline: float, pending: int, claims: bool) -> bool:
+        cost, ahead = self._post_cost_s, self._ahead(pending)
+        if cost is None or ahead == 0:
+            return True  # idle: nothing to wait for, whatever the estimate (`expected_wait_s`)
+        remaining = deadline - time.monotonic()
+        room = self.claimed_posts(smaller_than=posts) if claims else 0
+        return (
+            ahead * cost <= ADMIT_SHARE * remaining
+            and (ahead + posts + room) * cost <= FINISH_SHARE * remaining
+        )
+
+    def _claim(self, posts: int, deadline: float) -> None:
+        """Keep room for a refused request until its caller is back, if it would fit a
+        drained queue (one that never could would only hold everyone else off)."""
+        cost, now = self._post_cost_s, time.monotonic()
+        if posts > 1 and cost is not None and posts * cost <= FINISH_SHARE * (deadline - now):
+            self._claims[posts] = now + CLAIM_RETRIES * self.retry_after_s
 
     @contextlib.contextmanager
     def admitted(self, posts: int, deadline: float) -> Iterator[None]:
@@ -151,11 +229,21 @@ class DynamicBatcher:
         finally:
             self._reserved -= posts
 
-    def submit(self, post: Post, deadline: float) -> asyncio.Future[Decision]:
-        """Queue one post; raises `QueueFullError` at once when the queue is full."""
+    def submit(
+        self,
+        post: Post,
+        deadline: float,
+        unclaimed: Callable[[Decision], None] | None = None,
+    ) -> asyncio.Future[Decision]:
+        """Queue one post; raises `QueueFullError` at once when the queue is full.
+
+        `unclaimed` (on the loop) gets the post's decision if the model computed it after the
+        returned future was cancelled: the post was in the forward when its caller gave up.
+        A post cancelled before its forward never runs.
+        """
         future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(post, deadline, future))
+            self._queue.put_nowait(_Pending(post, deadline, future, unclaimed))
         except asyncio.QueueFull:
             self._metrics.rejected.labels("queue_full").inc()
             raise QueueFullError("the router's queue is full", self.retry_after_s) from None
@@ -220,6 +308,8 @@ class DynamicBatcher:
         for item in live:
             decision = answered.get(id(item))
             if item.future.done():
+                if decision is not None and item.future.cancelled():
+                    _hand_back(item, decision)  # computed for a caller that stopped waiting
                 continue
             if decision is not None:
                 item.future.set_result(decision)
@@ -261,6 +351,16 @@ class DynamicBatcher:
         if len(decisions) != len(wanted):
             raise RuntimeError(f"{len(decisions)} decisions for {len(wanted)} posts")
         return {id(item): decision for item, decision in zip(wanted, decisions, strict=True)}
+
+
+def _hand_back(item: _Pending, decision: Decision) -> None:
+    """A decision whose caller stopped waiting, to the post's `unclaimed` callback."""
+    if item.unclaimed is None:
+        return
+    try:
+        item.unclaimed(decision)
+    except Exception:  # the other posts of the batch still get their answers
+        log.exception("handling an unclaimed decision failed")
 
 
 def _lower_priority(nice: int) -> None:

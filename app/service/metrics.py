@@ -49,6 +49,11 @@ RejectReason = Literal[
     "body_timeout",
 ]
 
+# Why a decision the model computed never reached its caller (logged with this reason in the
+# decision log's `unanswered` column): its deadline passed (504), the caller hung up or gave
+# up (499, cancelled), or the request failed some other way after its posts were queued.
+UnansweredReason = Literal["deadline", "client_gone", "error"]
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Per post: 1.0 is RadarLatencyHigh's threshold (a bucket edge, so "p99 > 1 s" means "over 1 %
 # of the answers took more than 1 s per post"), 1.5 and 2.0 (the default RADAR_DEADLINE_MS)
@@ -116,6 +121,19 @@ class ServiceMetrics:
             "radar_batch_size", "Posts per forward pass.", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("radar_queue_depth", "Posts waiting for a batch.", registry=r)
+        self.claimed_posts = Gauge(
+            "radar_admission_claimed_posts",
+            "Size of the largest request refused for capacity whose room admission keeps "
+            "until its retry (0: none); smaller requests are refused to leave it.",
+            registry=r,
+        )
+        self.unanswered = Counter(
+            "radar_unanswered_posts",
+            "Posts the model decided whose answer never reached the caller (logged, flagged "
+            "unanswered; not in radar_posts_total).",
+            ["reason"],
+            registry=r,
+        )
         self.thresholds_info = Gauge(
             "radar_thresholds_info",
             "Active thresholds version (value 1).",
@@ -165,6 +183,7 @@ class ServiceMetrics:
             (self.reload_failures, get_args(RefusalReason)),
             (self.request_latency, get_args(Endpoint)),
             (self.latency_per_post, get_args(Endpoint)),
+            (self.unanswered, get_args(UnansweredReason)),
         ):
             for value in values:
                 metric.labels(value)
@@ -179,6 +198,9 @@ class ServiceMetrics:
 
     def track_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(lambda: float(depth()))
+
+    def track_claims(self, claimed: Callable[[], int]) -> None:
+        self.claimed_posts.set_function(lambda: float(claimed()))
 
     def set_model(self, model_version: str) -> None:
         self.model_info.clear()

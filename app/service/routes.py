@@ -1,6 +1,7 @@
 """HTTP endpoints. Thin: schemas in, named errors out; the work is in state/batcher/engine."""
 
 import asyncio
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import Annotated
@@ -16,7 +17,7 @@ from app.service.errors import ClientGoneError, DeadlineExceededError, TooManyPo
 from app.service.feedback import feedback_router
 from app.service.images import PixelBudget
 from app.service.intake import to_model_post
-from app.service.metrics import Endpoint
+from app.service.metrics import Endpoint, UnansweredReason
 from app.service.schemas import (
     BatchIn,
     BatchResult,
@@ -89,7 +90,8 @@ async def _answer(
     deadline: float,
     budget: PixelBudget,
 ) -> list[RouteResult]:
-    futures = await _submit(state, posts, deadline, budget)
+    unanswered = _Unanswered(state, posts)
+    futures = await _submit(state, posts, deadline, budget, unanswered)
     answers = asyncio.gather(*futures)
     answers.add_done_callback(_retrieve)
     gone = asyncio.ensure_future(_disconnect(request))
@@ -102,16 +104,18 @@ async def _answer(
         if answers not in done:
             reason = "client_gone" if gone in done else "deadline"
             state.metrics.rejected.labels(reason).inc()
+            unanswered.reason = reason
             if gone in done:
                 raise ClientGoneError("the client disconnected")
             raise DeadlineExceededError(f"no answer within {state.settings.deadline_ms:g} ms")
         decisions = answers.result()
+    except asyncio.CancelledError:  # the caller's request task cancelled: nobody waits
+        unanswered.reason = "client_gone"
+        raise
     finally:
         gone.cancel()
-        # Anything not answered is dropped by the batcher: a cancelled post never reaches
-        # the model, so callers that give up cost no forward pass.
         if not answers.done():
-            answers.cancel()  # cancels every future it gathers
+            unanswered.give_up(futures)
     results, audited = _results(state, posts, decisions)
     if audited and state.decision_log is not None:
         # Audited decisions are written before their answer leaves: their verdicts come
@@ -121,7 +125,11 @@ async def _answer(
 
 
 async def _submit(
-    state: ServiceState, posts: list[PostIn], deadline: float, budget: PixelBudget
+    state: ServiceState,
+    posts: list[PostIn],
+    deadline: float,
+    budget: PixelBudget,
+    unanswered: "_Unanswered",
 ) -> list["asyncio.Future[Decision]"]:
     """Admit (503 before any image is decoded: refusing must cost next to nothing under
     overload), decode, queue; the posts count as ahead of later arrivals from admission on."""
@@ -137,13 +145,61 @@ async def _submit(
             raise
         futures: list[asyncio.Future[Decision]] = []
         try:
-            for post in model_posts:
-                futures.append(state.batcher.submit(post, deadline))
+            for i, post in enumerate(model_posts):
+                late = functools.partial(unanswered.arrived, i)
+                futures.append(state.batcher.submit(post, deadline, late))
         except BaseException:
-            for future in futures:  # a full queue halfway: drop what was queued
-                future.cancel()
+            unanswered.give_up(futures)  # a full queue halfway: drop what was queued
             raise
         return futures
+
+
+class _Unanswered:
+    """The decisions of one request that its caller will not get, kept in the decision log.
+
+    A request answered 504 (or whose caller hung up) may have had some or all of its posts
+    through the model already: those decisions are logged, flagged `unanswered` with the
+    reason, instead of thrown away; a retry of the post replaces them. Posts still queued are
+    cancelled and never run; a post in the forward at that moment arrives later, through
+    the batcher's `unclaimed` callback.
+    """
+
+    def __init__(self, state: ServiceState, posts: list[PostIn]) -> None:
+        self.state = state
+        self.posts = posts
+        self.reason: UnansweredReason = "error"  # until the request says why
+
+    def give_up(self, futures: Sequence["asyncio.Future[Decision]"]) -> None:
+        """Log the decisions already there, cancel the rest (the batcher drops a cancelled
+        post before its forward: a caller that gives up costs no forward pass)."""
+        for i, future in enumerate(futures):
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled() and future.exception() is None:
+                self.arrived(i, future.result())
+
+    def arrived(self, index: int, decision: Decision) -> None:
+        """Log post `index`'s decision as unanswered (buffered: nobody acts on it now)."""
+        state = self.state
+        if state.router is None:
+            return
+        state.metrics.unanswered.labels(self.reason).inc()
+        if state.decision_log is None:
+            return
+        post = self.posts[index]
+        decided_at = time.time()
+        categories = state.router.categories
+        audit_rates = state.audit.rates_at(decision.audit_boost, decided_at) if state.audit else {}
+        released = [name for name in categories if name not in decision.dispatch]
+        audit = state.audit.pick(post.post_id, released, audit_rates) if state.audit else []
+        rows = _log_records(
+            _route_result(post, decision, audit, state.router.config.model_version),
+            categories,
+            audit_rates,
+            decided_at,
+            unanswered=self.reason,
+        )
+        state.decision_log.record(rows)
 
 
 def _retrieve(answers: "asyncio.Future[list[Decision]]") -> None:
@@ -183,17 +239,7 @@ def _results(
         audit_rates = state.audit.rates_at(decision.audit_boost, decided_at) if state.audit else {}
         audit = state.audit.pick(post.post_id, released, audit_rates) if state.audit else []
         state.metrics.record_audit(audit)
-        flags = [Flag.FALLBACK] if decision.fallback_reason else []
-        result = RouteResult(
-            post_id=post.post_id,
-            scores=decision.scores,
-            dispatch=decision.dispatch,
-            auto_pass=decision.auto_pass,
-            audit=audit,
-            thresholds_version=decision.thresholds_version,
-            model_version=model_version,
-            flags=[*flags, Flag.AUDIT] if audit else flags,
-        )
+        result = _route_result(post, decision, audit, model_version)
         if state.decision_log is not None:
             rows = _log_records(result, categories, audit_rates, decided_at)
             if audit:
@@ -204,13 +250,31 @@ def _results(
     return results, audited
 
 
+def _route_result(
+    post: PostIn, decision: Decision, audit: list[str], model_version: str
+) -> RouteResult:
+    flags = [Flag.FALLBACK] if decision.fallback_reason else []
+    return RouteResult(
+        post_id=post.post_id,
+        scores=decision.scores,
+        dispatch=decision.dispatch,
+        auto_pass=decision.auto_pass,
+        audit=audit,
+        thresholds_version=decision.thresholds_version,
+        model_version=model_version,
+        flags=[*flags, Flag.AUDIT] if audit else flags,
+    )
+
+
 def _log_records(
     result: RouteResult,
     categories: Sequence[str],
     audit_rates: Mapping[str, float],
     decided_at: float,
+    unanswered: UnansweredReason | None = None,
 ) -> list[DecisionRecord]:
-    """The decision log's rows for one answered post: one per category."""
+    """The decision log's rows for one decided post: one per category; `unanswered` says
+    why its caller never got it (None: answered)."""
     return [
         DecisionRecord(
             post_id=result.post_id,
@@ -222,6 +286,7 @@ def _log_records(
             thresholds_version=result.thresholds_version,
             model_version=result.model_version,
             decided_at=decided_at,
+            unanswered=unanswered,
         )
         for name in categories
     ]

@@ -191,9 +191,11 @@ class ServiceState:
 
     def pre_admit(self, arrived: float, in_flight: int) -> None:
         """Before a routing request's body is read: a 503 error if it cannot be answered in
-        time. Not ready yet: let it through, the route answers 503 with the reason."""
+        time, as if it were one post (its size is not known yet, so the claims of refused
+        large requests wait for the check after the body). Not ready yet: let it through,
+        the route answers 503 with the reason."""
         if self.batcher is not None and self.not_ready_reason is None:
-            self.batcher.admit(1, self.deadline(arrived), pending=in_flight)
+            self.batcher.admit(1, self.deadline(arrived), pending=in_flight, claims=False)
 
     def _run_batch(self, posts: Sequence[Post]) -> list[Decision]:  # on the model thread
         if self.engine is None or self.thresholds is None or self.thresholds.active is None:

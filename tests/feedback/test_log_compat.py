@@ -6,10 +6,11 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from sqlalchemy import create_engine, text
 
 from app.feedback.log import DecisionLog, DecisionRecord, Verdict
 from app.feedback.quality import estimate_quality
-from app.feedback.schema import decisions
+from app.feedback.schema import decisions, log_url
 from tests.logs import reading
 
 # app/feedback/schema.py as it was before the log moved onto SQLAlchemy.
@@ -61,3 +62,29 @@ def test_a_log_of_the_previous_release_opens_and_keeps_its_rows(tmp_path: Path) 
 def test_decision_records_are_in_the_tables_column_order() -> None:
     """The writer hands each record to the driver as a tuple in the table's column order."""
     assert DecisionRecord._fields == tuple(c.name for c in decisions.columns)
+
+
+def test_a_log_without_the_unanswered_column_gains_it(new_log) -> None:
+    """Logs created before `decisions.unanswered` (issue 14, item 6), on either backend: the
+    column is added at start-up, old rows read as answered, new rows carry their reason."""
+    location = new_log()
+    now = time.time()
+    engine = create_engine(log_url(location))
+    with engine.begin() as conn:
+        for statement in filter(str.strip, PREVIOUS_SCHEMA.split(";")):
+            conn.execute(text(statement))
+        old = "INSERT INTO decisions VALUES ('old', 'spam', 0.2, 0, 0, 0.5, 't0', 'm0', :t)"
+        conn.execute(text(old), {"t": now - 60})
+    engine.dispose()
+    log = DecisionLog(location, CollectorRegistry(), retention_s=86400, max_rows=1000)
+    log.start()
+    try:
+        log.record(
+            [DecisionRecord("late", "spam", 0.9, True, False, 0.5, "t1", "m1", now, "deadline")]
+        )
+        log.flush()
+    finally:
+        log.stop()
+    with reading(location) as conn:
+        found = conn.execute(text("SELECT post_id, unanswered FROM decisions ORDER BY post_id"))
+        assert [tuple(row) for row in found] == [("late", "deadline"), ("old", None)]

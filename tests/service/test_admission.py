@@ -4,7 +4,7 @@ import asyncio
 import json
 import time
 
-from app.service.batcher import ADMIT_SHARE
+from app.service.batcher import ADMIT_SHARE, FINISH_SHARE
 from tests.service.conftest import post
 from tests.service.test_batching import block_model_thread, sample
 
@@ -38,15 +38,17 @@ async def test_overload_is_refused_before_the_body_is_read(running) -> None:
 
 async def test_a_batch_is_admitted_by_its_post_count(running) -> None:
     async with running(deadline_ms=1000) as (client, state):
-        # One post in the model, 0.04 s per post: the last of one more post waits 0.04 s
-        # (admitted), the last of ten 0.4 s (> 0.3 of 1 s: refused).
+        # One post in the model, 0.04 s per post: the wait ahead of any request is 0.04 s
+        # (< 0.3 of 1 s); with its own posts, ten finish by 0.44 s (< 0.8 of 1 s: admitted),
+        # twenty-five by 1.04 s (refused).
         state.batcher._post_cost_s, state.batcher._in_model = 0.04, 1
-        one = await client.post("/route/batch", json={"posts": [post("a")]})
+        ten = await client.post("/route/batch", json={"posts": [post(f"a{i}") for i in range(10)]})
         state.batcher._post_cost_s, state.batcher._in_model = 0.04, 1
-        ten = await client.post("/route/batch", json={"posts": [post(f"b{i}") for i in range(10)]})
-    assert one.status_code == 200
-    assert ten.status_code == 503 and ten.json()["error"] == "overloaded"
-    assert 0.04 * 10 > ADMIT_SHARE * 1.0 > 0.04
+        many = {"posts": [post(f"b{i}") for i in range(25)]}
+        refused = await client.post("/route/batch", json=many)
+    assert ten.status_code == 200
+    assert refused.status_code == 503 and refused.json()["error"] == "overloaded"
+    assert 0.04 * 11 < FINISH_SHARE * 1.0 < 0.04 * 26 and ADMIT_SHARE * 1.0 > 0.04
 
 
 async def test_an_idle_router_admits_whatever_its_estimate(running) -> None:
