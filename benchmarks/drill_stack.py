@@ -145,8 +145,9 @@ class AlertLog:
             self.first.setdefault(key, now)
             self.last[key] = now
 
-    def categories(self, alertname: str) -> set[str]:
-        return {category for name, category, _ in self.first if name == alertname}
+    def categories(self, alertname: str, state: str = "firing") -> set[str]:
+        """The categories `alertname` was seen in `state` for."""
+        return {cat for name, cat, seen in self.first if name == alertname and seen == state}
 
 
 class Watcher(threading.Thread):

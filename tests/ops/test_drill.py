@@ -8,7 +8,7 @@ alert must fire for it alone within its `for` plus the time the estimate takes t
 `radar calibrate --only` lowers that category's tau alone; the candidate is shadowed, then
 promoted, and the alert must resolve within seconds and stay quiet once the new version's
 own estimate is back above target. Prometheus missing: skipped, or failed under
-RADAR_REQUIRE_DEPLOY_TOOLS=1 (CI). About 2-3 minutes on 2 cores.
+RADAR_REQUIRE_DEPLOY_TOOLS=1 (CI). About 3.5 minutes on a shared 2-core machine.
 """
 
 import math
@@ -45,10 +45,13 @@ def test_a_recall_drop_fires_is_fixed_for_its_category_alone_and_resolves(
     print(report)  # in the test's output with -s or on failure
     c = CI.category
 
-    # Fired for the drifted category only, within its `for` plus the estimate's fall.
+    # Fired for the drifted category only (noise may make another pending, never for `for`),
+    # within its `for` plus the time the estimate takes to fall.
     assert result.alert_categories == {c}, report
-    assert result.pending_after_drift_s < result.fired_after_drift_s <= CI.fire_timeout_s
-    assert result.fired_after_drift_s >= CI.for_s
+    assert result.fired_after_drift_s <= CI.fire_timeout_s
+    # Pending to firing is the `for` (give or take the watcher's 0.5 s polls and evaluations).
+    held = result.fired_after_drift_s - result.pending_after_drift_s
+    assert CI.for_s - 1 <= held <= CI.for_s + 5, report
     assert result.recall_when_fired < 0.8 and result.upper_when_fired < 0.9, report
 
     # Recalibrated alone: a lower tau for it, the others' entries copied.
