@@ -139,6 +139,17 @@ def _lexical(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    _quiet_loading()
+    result = call_target(args)
+    print(
+        f"int8 CPU router saved to {result.out} ({result.model_version}; text encoder "
+        f"{result.onnx_bytes / 1e6:.1f} MB; float32: {', '.join(result.fp32)})"
+    )
+    print(f"next: radar calibrate --model {result.out} --data VAL.jsonl --recall 0.9 --out ...")
+    return 0
+
+
 def _add_training_flags(parser: argparse.ArgumentParser, *, expert: bool) -> None:
     """One flag per knob of TrainConfig; defaults are the paper's (see app/training/config)."""
     from typing import get_args
@@ -466,6 +477,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_feature_cache_flag(lexical)
     lexical.set_defaults(handler=_lexical, target=calls("app.training.lexical", "add_lexical_head"))
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="write an int8 CPU router (ONNX Runtime dynamic int8) from a trained one",
+        description="Merge SOURCE's LoRA (if any), export its text encoder to ONNX and quantize "
+        "it with ONNX Runtime dynamic int8 (weights int8, activations per batch); write a model "
+        "store with a new model_version, the MLP, heads, image encoder and lexical head "
+        "unchanged in float32. Calibrate its thresholds next with `radar calibrate`.",
+    )
+    quantize.add_argument("source", type=Path, metavar="SOURCE", help="the float32 model store")
+    quantize.add_argument("--out", type=Path, required=True, help="model-store directory to write")
+    quantize.add_argument(
+        "--model-version", help="the new store's model_version (default: <source's>+int8)"
+    )
+    quantize.add_argument(
+        "--per-tensor",
+        dest="per_channel",
+        action="store_false",
+        help="one weight scale per matrix instead of one per output channel",
+    )
+    quantize.add_argument(
+        "--fp32-embeddings",
+        action="store_true",
+        help="keep the embedding tables float32 (a bigger file; lookups gain nothing from int8)",
+    )
+    quantize.set_defaults(handler=_quantize, target=calls("app.model.quantize", "quantize_router"))
 
     evaluate = commands.add_parser(
         "evaluate",

@@ -10,5 +10,5 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086  # the spec may hold several words on purpose
 .venv/bin/python -m pip install --quiet ${RADAR_TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install --quiet -e '.[encoders,dev,bench]'
+.venv/bin/python -m pip install --quiet -e '.[encoders,dev,bench,int8]'
 echo "installed: $(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -83,6 +83,20 @@ class LoraSettings(_Strict):
     )
 
 
+class QuantizationSettings(_Strict):
+    """An int8 CPU router (`radar quantize`, `app.model.quantize`): the text encoder runs as
+    a dynamically quantized ONNX graph, a file of the store; what `fp32` names stays float32."""
+
+    runtime: Literal["onnxruntime"] = "onnxruntime"
+    method: Literal["dynamic_int8"] = "dynamic_int8"
+    text_encoder: str = Field(
+        default="text_encoder.int8.onnx", description="the int8 ONNX text encoder, in the store"
+    )
+    per_channel: bool = True
+    fp32: tuple[str, ...] = Field(default=(), description="what was left in float32")
+    source_model_version: str = Field(default="", description="the fp32 router it came from")
+
+
 class RouterConfig(_Strict):
     """Everything needed, beside the weight files, to rebuild one router."""
 
@@ -99,11 +113,19 @@ class RouterConfig(_Strict):
     # Blended with a per-category n-gram model (`app.model.lexical`), whose files
     # (`lexical.json`, `lexical.safetensors`) the store then carries. Written only when true.
     lexical_head: bool = False
+    # An int8 router: its text encoder is the store's quantized ONNX graph (LoRA merged into
+    # it, so lora is null and there is no backbone.safetensors). Written only when set.
+    quantization: QuantizationSettings | None = None
 
     @model_validator(mode="after")
     def _one_way_to_train(self) -> "RouterConfig":
         if self.full_finetune and self.lora is not None:
             raise ValueError("full_finetune replaces LoRA: lora must be null")
+        if self.quantization is not None and (self.lora is not None or self.full_finetune):
+            raise ValueError(
+                "a quantized router has its weights in its ONNX file: lora must be "
+                "null and full_finetune false"
+            )
         return self
 
     @field_validator("categories")

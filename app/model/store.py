@@ -11,6 +11,8 @@ Layout (DESIGN.md):
     backbone/              optional: a backbone shipped with the router (the tiny test model)
     lexical.json           only when router.json says `"lexical_head": true`: the n-gram
     lexical.safetensors    model blended with the router's logits (app/model/lexical.py)
+    text_encoder.int8.onnx only when router.json has `quantization` (`radar quantize`): the int8
+                           text encoder run instead of the pretrained one (app/model/quantize.py)
 """
 
 import json
@@ -62,6 +64,8 @@ def write_config(config: RouterConfig, store_dir: Path) -> None:
         del data["full_finetune"]
     if not config.lexical_head:
         del data["lexical_head"]
+    if config.quantization is None:
+        del data["quantization"]
     path = Path(store_dir) / CONFIG_FILE
     path.write_text(json.dumps(data, indent=2) + "\n")
 
@@ -88,7 +92,10 @@ def copy_router(source: Path | str, target: Path | str, extra_files: tuple[str, 
     config = read_config(source)
     target.mkdir(parents=True, exist_ok=True)
     write_config(relocate_config(config, source, target), target)
-    for name in (HEAD_FILE, BACKBONE_FILE, LEXICAL_CONFIG, LEXICAL_WEIGHTS, *extra_files):
+    files = (HEAD_FILE, BACKBONE_FILE, LEXICAL_CONFIG, LEXICAL_WEIGHTS, *extra_files)
+    if config.quantization is not None:
+        files += (config.quantization.text_encoder,)
+    for name in files:
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
     if (source / ADAPTER_DIR).is_dir():
@@ -155,6 +162,13 @@ def load_router(
         raise ModelStoreError(store_dir, "model-store directory does not exist")
     config = read_config(store_dir)
     backbone = load_backbone(config.backbone, store_dir)
+    if config.quantization is not None:
+        from app.model.quantize import load_quantized_text_encoder  # onnxruntime: only here
+
+        if trainable or torch.device(device).type != "cpu":
+            raise ModelStoreError(store_dir, "an int8 router only scores, on the CPU")
+        load_quantized_text_encoder(backbone, store_dir, config.quantization)
+        backbone.requires_grad_(False)
     if config.lora is not None:
         backbone = _load_adapter(backbone, store_dir / ADAPTER_DIR, trainable=trainable)
     if config.full_finetune:

@@ -65,7 +65,9 @@ class Backbone(nn.Module, ABC):
 
     def prepare_for_device(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move inputs to this backbone's device; floating tensors take its dtype."""
-        param = next(self.parameters())
+        param = next(self.parameters(), None)
+        if param is None:  # an int8 text encoder (app.model.quantize) holds no torch weights
+            return dict(inputs)
         moved = {}
         for name, tensor in inputs.items():
             if tensor.is_floating_point():
