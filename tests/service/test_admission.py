@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import time
 
 from app.service.batcher import ADMIT_SHARE, FINISH_SHARE
 from tests.service.conftest import post
@@ -22,16 +21,16 @@ async def test_overload_is_refused_before_the_body_is_read(running) -> None:
         # As if each post took 0.2 s of model time with 10 posts queued: 2 s > 0.3 x 1 s.
         state.batcher._post_cost_s = 0.2
         state.batcher._in_model = 10
-        started = time.monotonic()
         refused = await client.post("/route", content=body(), headers=JSON)
-        elapsed = time.monotonic() - started
         health = await client.get("/healthz")
         ready = await client.get("/readyz")
         text = (await client.get("/metrics")).text
     assert refused.status_code == 503, refused.text
     assert refused.json()["error"] == "overloaded"
     assert refused.headers["Retry-After"] == "1"
-    assert read["chunks"] == 0 and elapsed < 0.5
+    # The body generator was never pulled: refused from the headers alone. (No wall-clock
+    # bound here: CI's shared CPU once took 0.83 s over a refusal that read nothing.)
+    assert read["chunks"] == 0
     assert health.status_code == 200 and ready.status_code == 200  # probes still answer
     assert sample(text, "radar_rejected_total", {"reason": "overloaded"}) == 1
 
