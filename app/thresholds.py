@@ -202,6 +202,9 @@ def validate_for_model(
             f"but the loaded model is {model_version!r}",
         )
     taus = {name: file.categories[name].tau for name in categories}
+    # A rate measured with other taus than the file's would move the alerts' band to a
+    # place the traffic never was: an edited category's rate, and then the overall, is None.
+    edited = set(edited_since_calibration(file) or ())
     overall = (file.calibration or {}).get("expected_overall_auto_pass_rate")
     return ActiveThresholds(
         file.version,
@@ -210,9 +213,10 @@ def validate_for_model(
         digest,
         recall_targets={name: file.categories[name].recall_target for name in categories},
         expected_pass_rates={
-            name: file.categories[name].expected_auto_pass_rate for name in categories
+            name: None if name in edited else file.categories[name].expected_auto_pass_rate
+            for name in categories
         },
-        expected_overall_auto_pass_rate=provenance_rate(overall),
+        expected_overall_auto_pass_rate=None if edited else provenance_rate(overall),
         audit_boost={
             name: AuditBoost(entry.rate, entry.until.timestamp())
             for name, entry in file.audit_boost.items()
@@ -224,6 +228,24 @@ def provenance_rate(value: Any) -> float | None:
     """A rate from the free-form `calibration` block, if it is a number (YAML booleans are
     not)."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def edited_since_calibration(file: ThresholdsFile) -> list[str] | None:
+    """Categories whose tau differs from the one the calibrated rates were measured with.
+
+    `radar calibrate` records those taus as `calibration.taus`; a hand edit of a tau leaves
+    the recorded rates (the category's and the overall auto-pass) describing other
+    thresholds. None when the file records no taus (hand-written, or calibrated before the
+    record existed): nothing to check against.
+    """
+    recorded = (file.calibration or {}).get("taus")
+    if not isinstance(recorded, dict):
+        return None
+    return [
+        name
+        for name, entry in file.categories.items()
+        if provenance_rate(recorded.get(name)) != entry.tau
+    ]
 
 
 def read_thresholds_file(path: Path) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 from app.thresholds import (
     ThresholdsError,
     ThresholdsFile,
+    edited_since_calibration,
     parse_thresholds,
     provenance_rate,
     read_thresholds_file,
@@ -123,6 +124,8 @@ def _side(loaded: Loaded, reference: Reference | None) -> dict[str, Any]:
         "expected_overall_auto_pass_rate": provenance_rate(
             calibration.get("expected_overall_auto_pass_rate")
         ),
+        # Categories whose tau changed after the rates were measured (None: not recorded).
+        "edited_since_calibration": edited_since_calibration(loaded.file),
         "refusal": None,
     }
     try:
@@ -136,8 +139,11 @@ def diff(a: Loaded, b: Loaded, reference: Reference | None = None) -> dict[str, 
     """Per category τ and expected auto-pass rate in A and in B; `refusal`s against `reference`."""
     names = [*a.file.categories, *(n for n in b.file.categories if n not in a.file.categories)]
     rows = []
+    edited_a = edited_since_calibration(a.file) or []
+    edited_b = edited_since_calibration(b.file) or []
     for name in names:
         ca, cb = a.file.categories.get(name), b.file.categories.get(name)
+        stale = [side for side, edited in (("A", edited_a), ("B", edited_b)) if name in edited]
         rows.append(
             {
                 "category": name,
@@ -147,6 +153,7 @@ def diff(a: Loaded, b: Loaded, reference: Reference | None = None) -> dict[str, 
                 "expected_auto_pass_rate_a": ca.expected_auto_pass_rate if ca else None,
                 "expected_auto_pass_rate_b": cb.expected_auto_pass_rate if cb else None,
                 "only_in": "A" if cb is None else "B" if ca is None else None,
+                "stale_auto_pass_in": stale,
             }
         )
     return {
@@ -169,7 +176,24 @@ def _note(row: dict[str, Any]) -> str:
     if zero:
         which = " and ".join(side.upper() for side in zero)
         notes.append(f"WARNING tau 0 in {which}: every post dispatched, none released")
+    if stale := row["stale_auto_pass_in"]:
+        which = " and ".join(stale)
+        notes.append(f"WARNING auto-pass {which} stale: tau edited after calibration")
     return "; ".join(notes)
+
+
+def _overall(side: dict[str, Any]) -> str:
+    """The calibrated overall auto-pass rate, and whether the file's taus are still the ones
+    it was measured with."""
+    text = _num(side["expected_overall_auto_pass_rate"], ".1%")
+    edited = side["edited_since_calibration"]
+    if text == "-":
+        return text
+    if edited is None:
+        return f"{text} (unchecked: the file records no calibration.taus)"
+    if edited:
+        return f"{text} STALE: measured before the tau edits in {', '.join(edited)}"
+    return text
 
 
 def render_diff(d: dict[str, Any]) -> str:
@@ -177,9 +201,8 @@ def render_diff(d: dict[str, Any]) -> str:
     lines = []
     for key in ("a", "b"):
         s = d[key]
-        overall = _num(s["expected_overall_auto_pass_rate"], ".1%")
         line = f"{key.upper()}: {s['path']}  version {s['version']}  model_version "
-        line += f"{s['model_version']}  expected overall auto-pass {overall}"
+        line += f"{s['model_version']}  expected overall auto-pass {_overall(s)}"
         if s["refusal"]:
             line += f"\n   refused ({s['refusal']['reason']}): {s['refusal']['problem']}"
         lines.append(line)

@@ -146,6 +146,34 @@ def test_diff_shows_calibrated_auto_pass_rates(tmp_path: Path, capsys) -> None:
     assert f"expected overall auto-pass {overall:.1%}" in out
 
 
+def test_diff_says_when_a_tau_was_edited_after_calibration(tmp_path: Path, capsys) -> None:
+    calibrated = yaml.safe_load(PROXY.read_bytes())
+    calibrated["version"] = "proxy-recorded"
+    taus = {name: entry["tau"] for name, entry in calibrated["categories"].items()}
+    calibrated["calibration"]["taus"] = taus  # as `radar calibrate` now records them
+    a = write(tmp_path / "a.yaml", calibrated)
+    edited = yaml.safe_load(a.read_bytes())
+    edited["version"] = "proxy-hand-edit"
+    edited["categories"]["smear"]["tau"] = 0.9  # by hand: the recorded rates are another file's
+    rc, out, _ = run(capsys, "diff", a, write(tmp_path / "b.yaml", edited))
+    assert rc == 0
+    a_line, b_line = (next(x for x in out.splitlines() if x.startswith(f"{k}:")) for k in "AB")
+    assert "STALE" not in a_line and "unchecked" not in a_line
+    assert b_line.endswith("STALE: measured before the tau edits in smear")
+    smear = next(line for line in out.splitlines() if line.startswith("smear"))
+    assert smear.endswith("WARNING auto-pass B stale: tau edited after calibration")
+    hate = next(line for line in out.splitlines() if line.startswith("hate"))
+    assert "stale" not in hate
+
+    rc, out, _ = run(capsys, "diff", a, tmp_path / "b.yaml", "--json")
+    d = json.loads(out)
+    assert d["a"]["edited_since_calibration"] == [] and d["b"]["edited_since_calibration"] == [
+        "smear"
+    ]
+    rc, out, _ = run(capsys, "diff", PROXY, a)  # the shipped file predates the record
+    assert "(unchecked: the file records no calibration.taus)" in out.splitlines()[0]
+
+
 def test_diff_warns_about_a_category_at_tau_zero(tmp_path: Path, capsys) -> None:
     doc = tiny_doc("tiny-2", tau=0.3)
     doc["categories"]["lqc"] = {"tau": 0.0}

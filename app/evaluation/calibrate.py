@@ -411,6 +411,9 @@ def thresholds_document(
         "command": command,
         "recall_targets": {c.category: c.recall_target for c in calibrated},
         "expected_overall_auto_pass_rate": overall_auto_pass_rate(scored.scores, taus),
+        # The taus those rates were measured with: `radar thresholds diff` and the service's
+        # provenance gauges tell a later hand edit by them (`edited_since_calibration`).
+        "taus": dict(zip(scored.categories, taus, strict=True)),
     }
     if guarantee == "quantile":
         calibration["min_positives"] = min_positives

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from app.service.metrics import ServiceMetrics
 from app.service.settings import Settings
@@ -156,6 +157,23 @@ def test_bands_and_targets_follow_the_active_file_not_constants() -> None:
         assert f'radar_recall_target{{category="{name}"}} {float(entry["recall_target"])!r}' in text
         rate = float(entry["expected_auto_pass_rate"])
         assert f'radar_expected_pass_rate{{category="{name}"}} {rate!r}' in text
+
+
+def test_rates_measured_with_other_taus_are_not_exported(tmp_path) -> None:
+    """A hand-edited tau leaves the file's recorded rates describing other thresholds: the
+    service exports NaN for that category and for the overall band, never a wrong band."""
+    file = load_yaml(CALIBRATED)
+    file["calibration"]["taus"] = {n: e["tau"] for n, e in file["categories"].items()}
+    file["categories"]["spam"]["tau"] = 0.99
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump(file, sort_keys=False))
+    metrics = ServiceMetrics()
+    metrics.set_thresholds(load_thresholds(edited, list(file["categories"]), file["model_version"]))
+    text = metrics.render().decode()
+    assert "radar_expected_auto_pass_rate NaN" in text
+    assert 'radar_expected_pass_rate{category="spam"} NaN' in text
+    hate = float(file["categories"]["hate"]["expected_auto_pass_rate"])
+    assert f'radar_expected_pass_rate{{category="hate"}} {hate!r}' in text
 
 
 def test_the_queue_threshold_is_80_percent_of_the_default_queue_size() -> None:

@@ -116,6 +116,7 @@ def test_written_file_loads_and_reaches_every_target(scored: ScoredData, tmp_pat
     assert provenance["data_fingerprint"] == fingerprint([scored.data])
     assert provenance["command"] == "radar calibrate (test)"
     assert provenance["recall_targets"] == targets
+    assert provenance["taus"] == active.taus  # what the rates were measured with
     assert datetime.fromisoformat(provenance["date"]).tzinfo is not None
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed away
     assert out.stat().st_mode & 0o777 == 0o644
