@@ -84,11 +84,6 @@ class ScoreMatrix:
         return evaluate_scores(self.labels, self.scores, self.categories)
 
 
-def post_text(item: LoadedRecord) -> str:
-    """The text the router reads for this record (title and OCR text, normalised)."""
-    return record_text(item)
-
-
 @dataclass
 class TfidfBaseline:
     """One fitted n-gram model per category; a category it cannot fit scores a constant."""
@@ -137,7 +132,7 @@ def tfidf_scores(
         tuple(categories),
         tuple(item.record.post_id for item in tested),
         label_matrix(tested.records, categories),
-        baseline.score_texts([post_text(item) for item in tested]),
+        baseline.score_texts([record_text(item) for item in tested]),
     )
     return matrix, baseline
 

@@ -9,12 +9,12 @@ import pytest
 
 from app.data.records import load_records
 from app.model.tiny import make_tiny_router
+from app.training.lexical import record_text
 from experiments.proxy.baselines import (
     TFIDF,
     ScoreMatrix,
     compare,
     main,
-    post_text,
     tfidf_scores,
     train_tfidf,
 )
@@ -89,8 +89,8 @@ def test_text_is_what_the_router_reads(tmp_path: Path) -> None:
     item = load_records(path, CATEGORIES).records[0]
     from app.model.post import Post
 
-    assert post_text(item) == Post(title=record["title"], ocr_text="call").text()
-    assert post_text(item).startswith("Title: ") and "OCR: call" in post_text(item)
+    assert record_text(item) == Post(title=record["title"], ocr_text="call").text()
+    assert record_text(item).startswith("Title: ") and "OCR: call" in record_text(item)
 
 
 def test_compare_aligns_categories_by_name_and_checks_posts(data: Path) -> None:
