@@ -24,7 +24,6 @@ from app.model.tiny_encoders import (
     TINY_IMAGE_SIZE,
     TINY_LORA,
     dual_encoder_router_config,
-    make_tiny_image_encoder_weights,
     make_tiny_text_encoder_dir,
     text_encoder_router_config,
     tiny_vocabulary,
@@ -44,17 +43,6 @@ MEDIUM = Post(title="cat video", ocr_text="follow the link in bio")
 LONG = Post(title="buy now " * 6, ocr_text="free money click here " * 5)
 ONE_IMAGE = Post(title="cat video", images=(_image(1),))
 THREE_IMAGES = Post(title="sale", images=(_image(2), _image(3, (90, 40)), _image(4, (32, 32))))
-
-
-@pytest.fixture(scope="module")
-def tiny_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_text_encoder_dir(tmp_path_factory.mktemp("tiny") / "text")
-
-
-@pytest.fixture(scope="module")
-def tiny_image_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    pytest.importorskip("efficientnet_lite_pytorch")
-    return make_tiny_image_encoder_weights(tmp_path_factory.mktemp("tiny") / "lite0.pth")
 
 
 @pytest.fixture

@@ -32,8 +32,6 @@ from app.model.tiny_encoders import (
     TINY_IMAGE_SIZE,
     TINY_LORA,
     dual_encoder_router_config,
-    make_tiny_image_encoder_weights,
-    make_tiny_text_encoder_dir,
     text_encoder_router_config,
 )
 
@@ -48,13 +46,6 @@ WIDTH = 1280
 def image(seed: int, size: tuple[int, int] = (40, 30)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3))
     return Image.fromarray(pixels.astype(np.uint8))
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tiny")
-    text = make_tiny_text_encoder_dir(folder / "text")
-    return text, make_tiny_image_encoder_weights(folder / "lite0.pth")
 
 
 def config_for(encoders: tuple[Path, Path], **overrides: object) -> RouterConfig:

@@ -34,8 +34,6 @@ from app.model.tiny_encoders import (
     TINY_IMAGE_SIZE,
     TINY_LORA,
     dual_encoder_router_config,
-    make_tiny_image_encoder_weights,
-    make_tiny_text_encoder_dir,
     text_encoder_router_config,
 )
 from app.service.app import create_app
@@ -88,15 +86,6 @@ def _lora_router(config: RouterConfig, store: Path) -> Path:
     router.lexical = LexicalHead(config.categories, models, {"lqc": 0.4}, max_chars=200)
     router.config = router.config.model_copy(update={"lexical_head": True})
     return save_router(router, store)
-
-
-@pytest.fixture(scope="module")
-def encoders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("encoders")
-    return (
-        make_tiny_text_encoder_dir(folder / "text"),
-        make_tiny_image_encoder_weights(folder / "lite0.pth"),
-    )
 
 
 @pytest.fixture(scope="module")
