@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import httpx
 import yaml
 
-from benchmarks.loadgen import free_port
+from benchmarks.loadgen import free_port, running
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -74,26 +74,6 @@ def prometheus_config(service_port: int, scrape_s: float, eval_s: float) -> dict
         del job[key]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
     return config
-
-
-@contextlib.contextmanager
-def running(
-    command: list[str], log: Path, env: Mapping[str, str] | None = None
-) -> Iterator["subprocess.Popen[bytes]"]:
-    """Run `command` for the duration of the block; always stopped (TERM, then KILL)."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(  # noqa: S603 - the drill's own commands
-            command, stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env)
-        )
-        try:
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
 
 def tail(log: Path, lines: int = 25) -> str:

@@ -7,6 +7,7 @@ each sending again on an answer) finds the saturation throughput.
 
 import asyncio
 import base64
+import contextlib
 import io
 import itertools
 import json
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,27 @@ def wait_ok(
             pass
         time.sleep(0.2)
     raise TimeoutError(f"{url} not 200 after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], log: Path, env: Mapping[str, str] | None = None
+) -> Iterator["subprocess.Popen[bytes]"]:
+    """Run `command` for the duration of the block, its output into `log`; always stopped
+    (TERM, then KILL)."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own commands
+            command, stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env)
+        )
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
 
 
 class Server:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.loadgen import free_port
+from benchmarks.loadgen import free_port, running
 from tests.deploy.support import (
     PROMETHEUS_CONFIG,
     dashboard,
@@ -52,24 +52,6 @@ def write_thresholds(path: Path, version: str, taus: dict[str, float]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(doc))
     tmp.replace(path)  # atomic, as ops are told to do it
-
-
-@contextlib.contextmanager
-def running(
-    command: list[str], log: Path, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `command` for the duration of the block; always stopped (TERM, then KILL)."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-        try:
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
 
 
 @dataclass
