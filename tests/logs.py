@@ -3,7 +3,7 @@ real PostgreSQL server of `tests/postgres.py` (skipped, with the reason, where n
 a failure instead under RADAR_REQUIRE_POSTGRES=1).
 
 The fixtures are registered for the whole suite (`pytest_plugins` in tests/conftest.py); every
-test using `log_backend` or `new_log` runs once per backend.
+test using `log_backend`, `new_log` or `module_log` runs once per backend.
 """
 
 import itertools
@@ -34,6 +34,15 @@ def make_log(backend: str, request: pytest.FixtureRequest, folder: Path) -> Loca
         request.addfinalizer(lambda: server.drop_database(url))  # ~7 MB each otherwise
         return url
     return folder / f"log-{next(_serial)}.sqlite3"
+
+
+@pytest.fixture(scope="module")
+def module_log(
+    log_backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Location:
+    """A new, empty log on this module's backend, kept for the whole module: for a stream
+    written once and read by many tests."""
+    return make_log(log_backend, request, tmp_path_factory.mktemp("log"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from app.cli import main
 from app.feedback.quality import CategoryQuality, estimate_quality, recall_interval
 from app.feedback.schema import decisions, feedback, open_log
-from tests.logs import Location, make_log, reading
+from tests.logs import Location, reading
 
 NewLog = Callable[[], Location]
 
@@ -159,13 +159,8 @@ def rows() -> list[Row]:
 
 
 @pytest.fixture(scope="module")
-def log(
-    rows: list[Row],
-    log_backend: str,
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Location:
-    return write_log(make_log(log_backend, request, tmp_path_factory.mktemp("quality")), rows)
+def log(rows: list[Row], module_log: Location) -> Location:
+    return write_log(module_log, rows)
 
 
 def test_decisions_taken_equal_the_hand_computation(rows: list[Row], log: Location) -> None:

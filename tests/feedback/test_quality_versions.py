@@ -21,7 +21,7 @@ from app.feedback.quality import estimate_quality
 from app.feedback.schema import decisions, feedback, open_log
 from app.feedback.window import WindowError, iso, parse_since, thresholds_versions
 from app.service.quality_export import QualityGauges
-from tests.logs import Location, make_log, reading
+from tests.logs import Location, reading
 
 NewLog = Callable[[], Location]
 
@@ -119,13 +119,8 @@ def rows() -> list[Row]:
 
 
 @pytest.fixture(scope="module")
-def log(
-    rows: list[Row],
-    log_backend: str,
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Location:
-    return write(make_log(log_backend, request, tmp_path_factory.mktemp("versions")), rows)
+def log(rows: list[Row], module_log: Location) -> Location:
+    return write(module_log, rows)
 
 
 def test_an_estimate_reads_one_versions_decisions(rows: list[Row], log: Location) -> None:
