@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import Connection, text
 
@@ -74,3 +75,16 @@ def log_settings(location: Location) -> dict[str, object]:
 def rows(location: Location, sql: str) -> list[tuple]:
     with reading(location) as conn:
         return [tuple(row) for row in conn.execute(text(sql))]
+
+
+def draw_decision(
+    rng: np.random.Generator, prevalence: float, tau: float, audit_rate: float
+) -> tuple[bool, float, bool, bool]:
+    """One synthetic decision (violating, score, dispatched, audited): violating with
+    probability `prevalence`, a score correlated with it (Beta(5,2) if violating, Beta(2,5)
+    if not), dispatched iff score > tau, and a released post audited with `audit_rate`."""
+    violating = bool(rng.random() < prevalence)
+    score = float(rng.beta(5, 2) if violating else rng.beta(2, 5))
+    dispatched = score > tau
+    audited = not dispatched and bool(rng.random() < audit_rate)
+    return violating, score, dispatched, audited

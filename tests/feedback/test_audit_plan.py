@@ -30,7 +30,7 @@ from app.feedback.audit_plan import (
 )
 from app.feedback.log import DecisionLog, DecisionRecord, Verdict
 from app.feedback.quality import estimate_quality, recall_interval
-from tests.logs import Location
+from tests.logs import Location, draw_decision
 from tests.test_cli_flags import names_read
 
 NewLog = Callable[[], Location]
@@ -192,10 +192,7 @@ def write_stream(location: Location, now: float, posts: int = POSTS) -> dict[str
         for i in range(posts):
             decided_at = now - 3600 * HOURS + i * 3600 * HOURS / (posts - 1)
             for category, (tau, rate, base) in CATEGORIES.items():
-                violating = bool(rng.random() < base)
-                score = float(rng.beta(5, 2) if violating else rng.beta(2, 5))
-                dispatched = score > tau
-                audited = not dispatched and bool(rng.random() < rate)
+                violating, score, dispatched, audited = draw_decision(rng, base, tau, rate)
                 records.append(
                     DecisionRecord(
                         f"p{i}", category, score, dispatched, audited, rate, "v1", "m1", decided_at

@@ -15,7 +15,7 @@ import pytest
 from app.cli import main
 from app.feedback.quality import CategoryQuality, estimate_quality, recall_interval
 from app.feedback.schema import decisions, feedback, open_log
-from tests.logs import Location, reading
+from tests.logs import Location, draw_decision, reading
 
 NewLog = Callable[[], Location]
 
@@ -47,10 +47,7 @@ def stream(seed: int = 7, n: int = N_POSTS) -> list[Row]:
     rows = []
     for i in range(n):
         for category, (prevalence, tau, rate) in DESIGN.items():
-            violating = bool(rng.random() < prevalence)
-            score = float(rng.beta(5, 2) if violating else rng.beta(2, 5))
-            dispatched = score > tau
-            audited = not dispatched and bool(rng.random() < rate)
+            violating, score, dispatched, audited = draw_decision(rng, prevalence, tau, rate)
             rows.append(
                 Row(
                     f"p{i}", category, score, dispatched, audited, rate, T0 + i,

@@ -21,7 +21,7 @@ from app.feedback.quality import estimate_quality
 from app.feedback.schema import decisions, feedback, open_log
 from app.feedback.window import WindowError, iso, parse_since, thresholds_versions
 from app.service.quality_export import QualityGauges
-from tests.logs import Location, reading
+from tests.logs import Location, draw_decision, reading
 
 NewLog = Callable[[], Location]
 
@@ -59,10 +59,7 @@ def two_versions(seed: int = 3) -> list[Row]:
             ("hate", 0.3 if new else 0.7, 0.3 if new else 0.05),
             ("spam", 0.5, 0.1),
         ):
-            violating = bool(rng.random() < 0.2)
-            score = float(rng.beta(5, 2) if violating else rng.beta(2, 5))
-            dispatched = score > tau
-            audited = not dispatched and bool(rng.random() < rate)
+            violating, score, dispatched, audited = draw_decision(rng, 0.2, tau, rate)
             rows.append(
                 Row(f"p{i}", category, score, dispatched, audited, rate, version, T0 + i,
                     violating)
