@@ -244,7 +244,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             thresholds=args.thresholds,
             batch_size=args.batch_size,
             device=args.device,
-            progress=not args.no_progress,
+            progress=args.progress,
             command=args.command_line,
             feature_cache=args.feature_cache,
         )
@@ -315,7 +315,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             allow_few_positives=args.allow_few_positives,
             batch_size=args.batch_size,
             device=args.device,
-            progress=not args.no_progress,
+            progress=args.progress,
             command=args.command_line,
             only=args.only,
             base=args.base,
@@ -339,11 +339,19 @@ def _add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, required=True, help="labelled JSONL (the training-data format)"
     )
+    _add_router_run_flags(parser)
+
+
+def _add_router_run_flags(parser: argparse.ArgumentParser) -> None:
+    """How to run a trained router over a data set (`resolve_device`, then `predict`):
+    shared by evaluate, calibrate and lexical."""
     parser.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
     parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or auto (CUDA when present, bf16) (cpu)"
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
     _add_feature_cache_flag(parser)
 
 
@@ -470,12 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="characters of each post the n-gram models read, in training and serving: "
         "their cost grows with the text (1000)",
     )
-    lexical.add_argument("--batch-size", type=int, default=32, help="posts per forward (32)")
-    lexical.add_argument("--device", default="cpu", help="cpu, cuda or auto (cpu)")
-    lexical.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar"
-    )
-    _add_feature_cache_flag(lexical)
+    _add_router_run_flags(lexical)
     lexical.set_defaults(handler=_lexical, target=calls("app.training.lexical", "add_lexical_head"))
 
     quantize = commands.add_parser(
