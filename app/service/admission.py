@@ -44,18 +44,20 @@ class Admission:
         try:
             self.state.pre_admit(arrived, self.in_flight)
         except RetryableError as exc:
+            if exc.rejection is not None:
+                self.state.metrics.count_rejection(exc.rejection)
             await _refuse(send, exc)
             return
         try:
             async with asyncio.timeout_at(_loop_time(self.state.deadline(arrived))):
                 body = await _read_body(receive)
         except TimeoutError:
-            self.state.metrics.rejected.labels("body_timeout").inc()
+            self.state.metrics.count_rejection("body_timeout")
             problem = "request body not received before the deadline"
             await send_error(send, 408, "body_timeout", problem, close=True)
             return
         except ClientDisconnected:
-            self.state.metrics.rejected.labels("client_gone").inc()
+            self.state.metrics.count_rejection("client_gone")
             return
         self.in_flight += 1
         try:

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from app.service.admission import Admission
 from app.service.body_limit import BodySizeLimit
 from app.service.error_body import error_response
-from app.service.errors import ImagesBusyError, ServiceError
+from app.service.errors import ServiceError
 from app.service.routes import router
 from app.service.settings import Settings
 from app.service.state import ServiceState
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        on_reject=lambda: state.metrics.rejected.labels("body_too_large").inc(),
+        on_reject=lambda: state.metrics.count_rejection("body_too_large"),
     )
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -68,8 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, ServiceError):  # registered for ServiceError only
         return await _unexpected_error(request, exc)
-    if exc.status_code in (422, 413) or isinstance(exc, ImagesBusyError):
-        request.app.state.radar.metrics.rejected.labels(exc.code).inc()
+    if exc.rejection is not None:
+        request.app.state.radar.metrics.count_rejection(exc.rejection)
     return error_response(exc.status_code, exc.code, exc.message, exc.headers())
 
 
@@ -96,7 +96,7 @@ def _printable(part: object) -> str | int:
 def _invalid_request(
     request: Request, detail: list[dict[str, object]], total: int | None = None
 ) -> JSONResponse:
-    request.app.state.radar.metrics.rejected.labels("invalid_request").inc()
+    request.app.state.radar.metrics.count_rejection("invalid_request")
     errors_total = len(detail) if total is None else total
     return error_response(422, "invalid_request", detail, errors_total=errors_total)
 
@@ -115,7 +115,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         return _invalid_request(request, [{"loc": ["body"], "msg": problem}])
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     if exc.status_code == 413:
-        request.app.state.radar.metrics.rejected.labels(code).inc()
+        request.app.state.radar.metrics.count_rejection("body_too_large")
     return error_response(exc.status_code, code, str(exc.detail), exc.headers)
 
 

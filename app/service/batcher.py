@@ -186,7 +186,6 @@ class DynamicBatcher:
         size is not known yet, and a claimer's own retry must not be refused by its claim.
         """
         if self._queue.qsize() + posts > self._queue.maxsize:
-            self._metrics.rejected.labels("queue_full").inc()
             raise QueueFullError("the router's queue is full", self.retry_after_s)
         if self._fits(posts, deadline, pending, claims):
             if claims:
@@ -194,7 +193,6 @@ class DynamicBatcher:
             return
         if claims:
             self._claim(posts, deadline)
-        self._metrics.rejected.labels("overloaded").inc()
         raise OverloadedError(
             "the router cannot answer within the deadline now", self.retry_after_s
         )
@@ -245,7 +243,6 @@ class DynamicBatcher:
         try:
             self._queue.put_nowait(_Pending(post, deadline, future, unclaimed))
         except asyncio.QueueFull:
-            self._metrics.rejected.labels("queue_full").inc()
             raise QueueFullError("the router's queue is full", self.retry_after_s) from None
         return future
 
@@ -314,7 +311,6 @@ class DynamicBatcher:
             if decision is not None:
                 item.future.set_result(decision)
             else:  # its deadline passed while the model thread was busy
-                self._metrics.rejected.labels("deadline").inc()
                 item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
 
     def _update_cost(self, cost: float) -> None:
@@ -329,7 +325,6 @@ class DynamicBatcher:
         if item.future.done():
             return False
         if now >= item.deadline:
-            self._metrics.rejected.labels("deadline").inc()
             item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
             return False
         self._metrics.queue_wait.observe(now - item.enqueued)

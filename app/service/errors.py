@@ -1,11 +1,32 @@
 """Named service errors; `app.service.app` maps each to an HTTP response at the edge."""
 
+from typing import ClassVar, Literal
+
+# Why a request was refused (`radar_rejected_total{reason}`, one count per refused request,
+# made where the refusal is answered): the batcher's 503s (queue_full, overloaded), the
+# in-flight pixel ceiling (images_busy), deadlines, callers that hung up, and the 422/413/408s.
+RejectReason = Literal[
+    "queue_full",
+    "overloaded",
+    "deadline",
+    "client_gone",
+    "invalid_request",
+    "bad_post",
+    "too_many_posts",
+    "too_many_pixels",
+    "images_busy",
+    "body_too_large",
+    "body_timeout",
+]
+
 
 class ServiceError(Exception):
-    """An error with an HTTP status and a short machine-readable code."""
+    """An error with an HTTP status and a short machine-readable code; `rejection` is the
+    reason a refused request is counted under (None: not a refusal, e.g. 401, 404)."""
 
     status_code = 500
     code = "internal"
+    rejection: ClassVar[RejectReason | None] = None
 
     def __init__(self, message: str) -> None:
         self.message = message
@@ -30,18 +51,21 @@ class RetryableError(ServiceError):
 
 class QueueFullError(RetryableError):
     code = "queue_full"
+    rejection = "queue_full"
 
 
 class OverloadedError(RetryableError):
     """Queued now, the request would likely miss its deadline: refused at once instead."""
 
     code = "overloaded"
+    rejection = "overloaded"
 
 
 class ImagesBusyError(RetryableError):
     """The images of requests in progress hold `RADAR_MAX_INFLIGHT_PIXELS` already."""
 
     code = "images_busy"
+    rejection = "images_busy"
 
 
 class NotReadyError(RetryableError):
@@ -57,6 +81,7 @@ class DecisionLogUnavailableError(RetryableError):
 class DeadlineExceededError(ServiceError):
     status_code = 504
     code = "deadline_exceeded"
+    rejection = "deadline"
 
 
 class BadPostError(ServiceError):
@@ -64,6 +89,7 @@ class BadPostError(ServiceError):
 
     status_code = 422
     code = "bad_post"
+    rejection = "bad_post"
 
     def __init__(self, post_id: str, field: str, problem: str) -> None:
         super().__init__(f"post {post_id!r}, {field}: {problem}")
@@ -97,11 +123,13 @@ class ClientGoneError(ServiceError):
 
     status_code = 499
     code = "client_closed_request"
+    rejection = "client_gone"
 
 
 class TooManyPostsError(ServiceError):
     status_code = 413
     code = "too_many_posts"
+    rejection = "too_many_posts"
 
 
 class TooManyPixelsError(ServiceError):
@@ -109,6 +137,7 @@ class TooManyPixelsError(ServiceError):
 
     status_code = 413
     code = "too_many_pixels"
+    rejection = "too_many_pixels"
 
 
 class FeedbackDisabledError(ServiceError):

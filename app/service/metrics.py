@@ -26,6 +26,7 @@ from prometheus_client import (
 )
 
 from app.service.engine import FallbackReason
+from app.service.errors import RejectReason
 from app.thresholds import ActiveThresholds, RefusalReason
 
 # `*_created` series double the output and no dashboard of ours reads them.
@@ -33,21 +34,6 @@ disable_created_metrics()
 
 Endpoint = Literal["route", "route_batch"]
 DecisionLabel = Literal["dispatch", "pass"]
-# Why a request was refused before routing: the batcher's 503s (queue_full, overloaded),
-# deadlines, callers that hung up, and the 422/413 codes of `app.service.app`'s handlers.
-RejectReason = Literal[
-    "queue_full",
-    "overloaded",
-    "deadline",
-    "client_gone",
-    "invalid_request",
-    "bad_post",
-    "too_many_posts",
-    "too_many_pixels",
-    "images_busy",
-    "body_too_large",
-    "body_timeout",
-]
 
 # Why a decision the model computed never reached its caller (logged with this reason in the
 # decision log's `unanswered` column): its deadline passed (504), the caller hung up or gave
@@ -88,7 +74,10 @@ class ServiceMetrics:
             registry=r,
         )
         self.rejected = Counter(
-            "radar_rejected", "Requests refused before routing.", ["reason"], registry=r
+            "radar_rejected",
+            "Requests refused (each once, where its refusal is answered).",
+            ["reason"],
+            registry=r,
         )
         self.request_latency = Histogram(
             "radar_request_duration_seconds",
@@ -242,6 +231,12 @@ class ServiceMetrics:
         that a 64-post batch taking 1.2 s (19 ms a post) reads as fast and one post taking
         1.2 s as slow; only answers, so that fast 503s cannot hide slow answers."""
         self.latency_per_post.labels(endpoint).observe(seconds / max(posts, 1))
+
+    def count_rejection(self, reason: RejectReason) -> None:
+        """One refused request. Counted only where the refusal is answered (the error
+        handlers, admission, the body limit), so a request counts once whatever its posts
+        did: its deadline passing for three queued posts is one `deadline`."""
+        self.rejected.labels(reason).inc()
 
     def record_audit(self, categories: Sequence[str]) -> None:
         for name in categories:

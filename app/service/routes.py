@@ -103,7 +103,6 @@ async def _answer(
         )
         if answers not in done:
             reason = "client_gone" if gone in done else "deadline"
-            state.metrics.rejected.labels(reason).inc()
             unanswered.reason = reason
             if gone in done:
                 raise ClientGoneError("the client disconnected")
@@ -136,13 +135,9 @@ async def _submit(
     if state.batcher is None:
         raise RuntimeError("ready without a batcher")
     with state.batcher.admitted(len(posts), deadline):
-        try:
-            model_posts = await asyncio.gather(
-                *(to_model_post(p, state.images, state.settings, budget) for p in posts)
-            )
-        except DeadlineExceededError:
-            state.metrics.rejected.labels("deadline").inc()
-            raise
+        model_posts = await asyncio.gather(
+            *(to_model_post(p, state.images, state.settings, budget) for p in posts)
+        )
         futures: list[asyncio.Future[Decision]] = []
         try:
             for i, post in enumerate(model_posts):

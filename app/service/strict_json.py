@@ -25,6 +25,7 @@ class DuplicateKeyError(ServiceError):
 
     status_code = 422
     code = "invalid_request"
+    rejection = "invalid_request"
 
     def __init__(self, key: str) -> None:
         super().__init__(f"key {key!r} repeated in one JSON object: the body is ambiguous")

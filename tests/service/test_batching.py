@@ -2,9 +2,12 @@
 
 import asyncio
 import threading
+import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.model.post import Post
+from app.service.errors import DeadlineExceededError
 from app.service.state import ServiceState
 from tests.service.conftest import post
 
@@ -15,6 +18,10 @@ def sample(metrics_text: str, name: str, labels: dict[str, str] | None = None) -
             if s.name == name and (labels is None or s.labels == labels):
                 return s.value
     raise KeyError(name)
+
+
+def model_posts(n: int) -> list[Post]:
+    return [Post(title=f"queued {i}", ocr_text="") for i in range(n)]
 
 
 def count_forwards(state: ServiceState) -> list[int]:
@@ -75,14 +82,31 @@ async def test_deadline_gives_504_and_the_batcher_survives(running) -> None:
     # A generous deadline: on a shared CPU one tiny forward can take hundreds of ms.
     async with running(deadline_ms=1000, max_wait_ms=1) as (client, state):
         release = block_model_thread(state)
-        late = await client.post("/route", json=post("late"))
+        late = await client.post("/route/batch", json={"posts": [post(f"late{i}") for i in "abc"]})
         release.set()
         await asyncio.sleep(0.05)
         after = await client.post("/route", json=post("after"))
         text = (await client.get("/metrics")).text
     assert late.status_code == 504 and late.json()["error"] == "deadline_exceeded"
     assert after.status_code == 200
-    assert sample(text, "radar_rejected_total", {"reason": "deadline"}) >= 1
+    # One refused request, whatever its three posts did: the unit is requests.
+    assert sample(text, "radar_rejected_total", {"reason": "deadline"}) == 1
+
+
+async def test_posts_past_their_deadline_in_the_queue_are_not_counted_as_requests(
+    running,
+) -> None:
+    """The batcher fails each expired post; only the edge counts the request it belongs to
+    (it once counted every post here, and the request again at its 504)."""
+    async with running(deadline_ms=1000, max_wait_ms=1) as (client, state):
+        release = block_model_thread(state)
+        futures = [state.batcher.submit(p, time.monotonic() + 0.05) for p in model_posts(3)]
+        await asyncio.sleep(0.1)  # past the deadline while the model thread is held
+        release.set()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        text = (await client.get("/metrics")).text
+    assert all(isinstance(o, DeadlineExceededError) for o in outcomes), outcomes
+    assert sample(text, "radar_rejected_total", {"reason": "deadline"}) == 0
 
 
 async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:

@@ -8,10 +8,9 @@ from typing import get_args
 from prometheus_client.parser import text_string_to_metric_families
 
 import app
-from app.service.app import _HTTP_CODES
 from app.service.engine import FallbackReason
-from app.service.errors import ServiceError
-from app.service.metrics import DecisionLabel, Endpoint, RejectReason
+from app.service.errors import RejectReason, ServiceError
+from app.service.metrics import DecisionLabel, Endpoint
 from app.thresholds import RefusalReason
 from tests.service.conftest import categories_of, model_version_of, post, write_thresholds
 from tests.service.test_batching import sample
@@ -129,20 +128,35 @@ def _service_errors(cls: type[ServiceError] = ServiceError) -> list[type[Service
 def test_label_literals_cover_every_value_the_code_uses() -> None:
     """The Literal types are the lists of label values: nothing counted outside them."""
     rejected = set(get_args(RejectReason))
-    # `app.service.app` counts the code of every 413/422 ServiceError and framework 413.
-    assert {e.code for e in _service_errors() if e.status_code in (413, 422)} <= rejected
-    assert _HTTP_CODES[413] in rejected
+    # Every 413/422 the handlers answer is counted, under its error's `rejection`.
+    refusals = [e for e in _service_errors() if e.status_code in (413, 422)]
+    assert all(e.rejection is not None for e in refusals), refusals
+    assert {e.rejection for e in _service_errors()} - {None} <= rejected
     literals = {
         "rejected": rejected,
         "fallbacks": set(get_args(FallbackReason)),
         "reload_failures": set(get_args(RefusalReason)),
         "request_latency": set(get_args(Endpoint)),
     }
+    sources = [path.read_text() for path in Path(app.__file__).parent.rglob("*.py")]
     used = [
         (metric, value)
-        for path in Path(app.__file__).parent.rglob("*.py")
-        for metric, value in re.findall(r"\.(\w+)\.labels\(\"(\w+)\"\)", path.read_text())
+        for text in sources
+        for metric, value in re.findall(r"\.(\w+)\.labels\(\"(\w+)\"\)", text)
     ]
-    assert ("rejected", "queue_full") in used  # the pattern finds the call sites
+    used += [
+        ("rejected", value)
+        for text in sources
+        for value in re.findall(r"\.count_rejection\(\"(\w+)\"\)", text)
+    ]
+    assert ("rejected", "body_timeout") in used  # the patterns find the call sites
+    assert ("request_latency", "route") in used
+    # Rejections are counted through `ServiceMetrics.count_rejection` only: one unit.
+    counting = [
+        path.name
+        for path in Path(app.__file__).parent.rglob("*.py")
+        if ".rejected.labels(" in path.read_text()
+    ]
+    assert counting == ["metrics.py"], counting
     for metric, value in used:
         assert value in literals[metric], (metric, value)
