@@ -4,7 +4,9 @@ The benchmark asks what our serving layer (FastAPI, admission, `DynamicBatcher`)
 stock one: the same model wrapped in a LitServe `LitAPI`, with the same batch size and wait,
 under the same load. Only the serving layer differs; the rest is our code: `load_router`,
 `load_thresholds`, `RouterEngine.route` (the per-batch function our batcher calls), `PostIn`
-and `ImageLoader` with the service's limits, and a `RouteResult` answer.
+and `ImageLoader` with the service's limits, and the step after the model that `/route`
+runs (`PostOutcomes.answered`: metrics, audit draw, the `RouteResult`; no decision log, as
+the benchmark's service runs without one).
 
 `POST /predict` takes a `/route` body and answers like `/route`; `GET /health` is 200 once the
 worker is set up. LitServe runs one HTTP process and one inference worker (spawned), linked by
@@ -25,10 +27,13 @@ from transformers.utils import logging as transformers_logging
 
 from app.model.post import Post
 from app.model.store import load_router
+from app.service.audit import AuditSampler
 from app.service.engine import Decision, RouterEngine
 from app.service.errors import BadPostError
 from app.service.images import ImageLoader
-from app.service.schemas import Flag, PostIn, RouteResult
+from app.service.metrics import ServiceMetrics
+from app.service.outcomes import PostOutcomes
+from app.service.schemas import PostIn, RouteResult
 from app.service.settings import Settings
 from app.thresholds import ActiveThresholds, load_thresholds
 
@@ -59,6 +64,9 @@ class RouterAPI(ls.LitAPI):
         self.engine.warm_up()
         self.settings = Settings()
         self.images = ImageLoader(self.settings)
+        s = self.settings
+        audit = AuditSampler(s.audit_rate, s.audit_rates, router.categories)
+        self.outcomes = PostOutcomes(router.categories, self.model_version, ServiceMetrics(), audit)
 
     # The annotation makes LitServe's FastAPI endpoint validate the body as `PostIn` in the
     # HTTP process, as `/route` does: a bad body is a 422 there and never reaches a batch.
@@ -90,15 +98,8 @@ class RouterAPI(ls.LitAPI):
 
     def encode_response(self, output: tuple[str, Decision]) -> RouteResult:
         post_id, decision = output
-        return RouteResult(
-            post_id=post_id,
-            scores=decision.scores,
-            dispatch=decision.dispatch,
-            auto_pass=decision.auto_pass,
-            thresholds_version=decision.thresholds_version,
-            model_version=self.model_version,
-            flags=[Flag.FALLBACK] if decision.fallback_reason else [],
-        )
+        (result,), _ = self.outcomes.answered([post_id], [decision])
+        return result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,12 +5,12 @@ import hashlib
 import hmac
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
-from app.service.errors import AdminDisabledError, ForbiddenError, NotReadyError, UnauthorizedError
+from app.service.dependencies import State
+from app.service.errors import AdminDisabledError, ForbiddenError, UnauthorizedError
 from app.service.schemas import ErrorBody, ReloadOutcome
-from app.service.state import ServiceState
 from app.service.strict_json import StrictJSONRoute
 
 admin_router = APIRouter(prefix="/admin", tags=["admin"], route_class=StrictJSONRoute)
@@ -23,22 +23,18 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _state(request: Request) -> ServiceState:
-    return request.app.state.radar
-
-
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 async def require_admin(
-    request: Request, authorization: Annotated[str | None, Header()] = None
+    state: State, authorization: Annotated[str | None, Header()] = None
 ) -> None:
     """Bearer-token check for state-changing endpoints; disabled without a configured token.
 
     `async` so that FastAPI runs it on the event loop, not in a worker thread.
     """
-    token = _state(request).settings.admin_token
+    token = state.settings.admin_token
     if token is None:
         raise AdminDisabledError("admin endpoints are disabled (set RADAR_ADMIN_TOKEN)")
     scheme, _, given = (authorization or "").partition(" ")
@@ -60,12 +56,9 @@ async def require_admin(
         503: {"model": ErrorBody, "description": "the model is not loaded yet"},
     },
 )
-async def reload_thresholds(request: Request) -> JSONResponse:
+async def reload_thresholds(state: State) -> JSONResponse:
     """Reload the thresholds file now; a refused file leaves the active thresholds in place."""
-    state = _state(request)
-    if state.thresholds is None:
-        raise NotReadyError("the model is not loaded yet", state.settings.retry_after_s)
-    result = await asyncio.to_thread(state.thresholds.reload)
+    result = await asyncio.to_thread(state.started().thresholds.reload)
     state.apply_reload(result)
     body = ReloadOutcome(
         status=result.status,

@@ -3,10 +3,11 @@ log (`app/feedback/log.py`) for the online quality estimates (`radar quality`)."
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from app.feedback.log import DecisionLogError, Verdict
 from app.service.admin import ADMIN_ERRORS, require_admin
+from app.service.dependencies import State
 from app.service.errors import (
     BadPostError,
     DecisionLogUnavailableError,
@@ -14,7 +15,6 @@ from app.service.errors import (
     TooManyPostsError,
 )
 from app.service.schemas import ErrorBody, FeedbackIn, FeedbackOutcome
-from app.service.state import ServiceState
 from app.service.strict_json import StrictJSONRoute
 
 feedback_router = APIRouter(tags=["feedback"], route_class=StrictJSONRoute)
@@ -32,18 +32,20 @@ feedback_router = APIRouter(tags=["feedback"], route_class=StrictJSONRoute)
         503: {"model": ErrorBody, "description": "the decision log's database is unavailable"},
     },
 )
-async def feedback(body: FeedbackIn, request: Request) -> FeedbackOutcome:
+async def feedback(body: FeedbackIn, state: State) -> FeedbackOutcome:
     """Store verdicts (violating yes/no per post and category); a repeated verdict replaces
     the earlier one. Answered after the verdicts are committed: an acknowledged verdict is
     never lost."""
-    state: ServiceState = request.app.state.radar
-    log = state.decision_log
-    if log is None or state.router is None:
+    if state.settings.decision_log_location is None:
         raise FeedbackDisabledError("feedback needs the decision log (RADAR_DECISION_LOG_PATH)")
+    running = state.started()
+    log = running.decision_log
+    if log is None:  # configured, so started with the service; kept for the type checker
+        raise FeedbackDisabledError("the decision log is not running")
     limit = state.settings.max_verdicts_per_request
     if len(body.verdicts) > limit:
         raise TooManyPostsError(f"{len(body.verdicts)} verdicts, at most {limit} per request")
-    categories = set(state.router.categories)
+    categories = set(running.router.categories)
     for i, verdict in enumerate(body.verdicts):
         if verdict.category not in categories:
             problem = f"not a category of the model ({sorted(categories)})"

@@ -4,7 +4,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.utils import logging as transformers_logging
@@ -20,10 +22,11 @@ from app.service.engine import Decision, RouterEngine
 from app.service.errors import NotReadyError
 from app.service.images import ImageLoader
 from app.service.metrics import ServiceMetrics
+from app.service.outcomes import PostOutcomes
 from app.service.quality_export import QualityGauges
 from app.service.settings import Settings
 from app.service.shadow import ShadowThresholds
-from app.thresholds import ActiveThresholds, ReloadResult, ThresholdsStore
+from app.thresholds import ReloadResult, ThresholdsStore
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +40,40 @@ def pick_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+@dataclass(frozen=True)
+class Running:
+    """The parts a started service routes with. Built whole at the end of start-up, so no
+    request ever sees one missing; the Optional fields are features configured off (no
+    `RADAR_DECISION_LOG_PATH`: no log and no quality gauges; no shadow file), not parts
+    still loading."""
+
+    router: Router
+    engine: RouterEngine
+    thresholds: ThresholdsStore
+    batcher: DynamicBatcher
+    outcomes: PostOutcomes
+    decision_log: DecisionLog | None
+    shadow: ShadowThresholds | None
+    quality: QualityGauges | None
+
+    @property
+    def model_version(self) -> str:
+        return self.router.config.model_version
+
+
 class ServiceState:
-    """Model, thresholds, batcher and metrics of one service instance."""
+    """One service instance: its settings, metrics and image loader from construction on,
+    its `Running` parts once started, and where it stands (readiness, draining)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.images = ImageLoader(settings)
-        self.router: Router | None = None
-        self.engine: RouterEngine | None = None
-        self.audit: AuditSampler | None = None
-        self.shadow: ShadowThresholds | None = None
-        self.decision_log: DecisionLog | None = None
-        self.quality: QualityGauges | None = None
-        self._quality_task: asyncio.Task[None] | None = None
-        self._quality_refresh: asyncio.Future[None] | None = None  # the one in its thread now
-        self.thresholds: ThresholdsStore | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.running: Running | None = None
         self.not_ready_reason: str | None = "starting"
-        self._watcher: asyncio.Task[None] | None = None
+        self._phase = "starting"  # the reason while start-up is under way
+        self._cleanup = contextlib.AsyncExitStack()  # what start-up started, undone at stop
+        self._quality_refresh: asyncio.Future[None] | None = None  # the one in its thread now
         self.stopping = False
         self.draining = False  # SIGTERM seen: readiness fails, requests are still served
         self._torch_threads_before: int | None = None
@@ -70,45 +88,41 @@ class ServiceState:
             torch.set_num_threads(s.torch_threads)
         # Loading bars from transformers would only clutter the service log.
         transformers_logging.disable_progress_bar()
-        self.not_ready_reason = "loading model"
+        self._phase = self.not_ready_reason = "loading model"
         try:
-            self.router = await asyncio.to_thread(load_router, s.model_dir, device)
+            router = await asyncio.to_thread(load_router, s.model_dir, device)
         except Exception as exc:  # re-raised: start-up fails, the process exits
             # One clear line before the framework's traceback (a broken store raises
             # ModelStoreError; a truncated backbone file whatever its loader raises).
             log.error("cannot load the router from %s: %s", s.model_dir, exc)
             raise
         try:  # a bad rate map fails start-up, like a bad model store: never silently no audits
-            self.audit = AuditSampler(s.audit_rate, s.audit_rates, self.router.categories)
+            audit = AuditSampler(s.audit_rate, s.audit_rates, router.categories)
         except AuditConfigError as exc:
             log.error("%s", exc)
             raise
-        self.engine = RouterEngine(self.router)
-        if s.decision_log_location is not None:
-            self.decision_log = DecisionLog(
-                s.decision_log_location,
-                self.metrics.registry,
-                retention_s=s.decision_log_retention_days * 86400,
-                max_rows=s.decision_log_max_rows,
-            )
-            try:
-                await asyncio.to_thread(self.decision_log.start)
-            except DecisionLogError as exc:
-                log.error("%s", exc)
-                raise
-            self.quality = QualityGauges(self.metrics.registry, self.router.categories)
-        version = self.router.config.model_version
+        engine = RouterEngine(router)
+        decision_log, quality = await self._start_decision_log(router.categories)
+        version = router.config.model_version
         self.metrics.set_model(version)
-        self.metrics.init_categories(self.router.categories)
-        self.thresholds = ThresholdsStore(s.thresholds_path, self.router.categories, version)
-        self.apply_reload(await asyncio.to_thread(self.thresholds.reload))
+        self.metrics.init_categories(router.categories)
+        thresholds = ThresholdsStore(s.thresholds_path, router.categories, version)
+        self._apply_reload(await asyncio.to_thread(thresholds.reload), quality)
+        shadow = None
         if s.shadow_thresholds_path is not None:
-            self.shadow = ShadowThresholds(
-                s.shadow_thresholds_path, self.router.categories, version, self.metrics.registry
+            shadow = ShadowThresholds(
+                s.shadow_thresholds_path, router.categories, version, self.metrics.registry
             )
-            await asyncio.to_thread(self.shadow.reload)
-        self.batcher = DynamicBatcher(
-            self._run_batch,
+            await asyncio.to_thread(shadow.reload)
+
+        def run_batch(posts: Sequence[Post]) -> list[Decision]:  # on the model thread
+            active = thresholds.active  # one thresholds version for the whole batch
+            if active is None:  # routes refuse before queueing while there is none
+                raise NotReadyError("no valid thresholds", s.retry_after_s)
+            return engine.route(posts, active)
+
+        batcher = DynamicBatcher(
+            run_batch,
             self.metrics,
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
@@ -116,34 +130,66 @@ class ServiceState:
             retry_after_s=s.retry_after_s,
             model_thread_nice=s.model_thread_nice,
         )
-        self.batcher.start()
-        self.not_ready_reason = "warming up"
+        batcher.start()
+        self._cleanup.push_async_callback(batcher.stop)
+        self._phase = self.not_ready_reason = "warming up"
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.batcher.executor, self.engine.warm_up)
-        self._watcher = loop.create_task(self._watch_thresholds(), name="radar-thresholds")
-        if self.quality is not None:
-            self._quality_task = loop.create_task(self._refresh_quality(), name="radar-quality")
+        await loop.run_in_executor(batcher.executor, engine.warm_up)
+        outcomes = PostOutcomes(
+            router.categories, version, self.metrics, audit, shadow, decision_log
+        )
+        running = Running(
+            router, engine, thresholds, batcher, outcomes, decision_log, shadow, quality
+        )
+        self._start_task(self._watch_thresholds(running), "radar-thresholds")
+        if quality is not None and decision_log is not None:
+            self._start_task(self._refresh_quality(running), "radar-quality")
+        self.running = running
         self.refresh_readiness()
         log.info("router %s on %s ready=%s", version, device, self.not_ready_reason is None)
 
+    async def _start_decision_log(
+        self, categories: Sequence[str]
+    ) -> tuple[DecisionLog | None, QualityGauges | None]:
+        s = self.settings
+        if s.decision_log_location is None:
+            return None, None
+        decision_log = DecisionLog(
+            s.decision_log_location,
+            self.metrics.registry,
+            retention_s=s.decision_log_retention_days * 86400,
+            max_rows=s.decision_log_max_rows,
+        )
+        try:
+            await asyncio.to_thread(decision_log.start)
+        except DecisionLogError as exc:
+            log.error("%s", exc)
+            raise
+        # Stopped after the batcher (pushed first, undone last): the last decisions are logged.
+        self._cleanup.push_async_callback(asyncio.to_thread, decision_log.stop)
+        return decision_log, QualityGauges(self.metrics.registry, categories)
+
+    def _start_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+
+        async def cancel() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self._quality_refresh is not None:
+                # Cancelling the task leaves its thread running: let it give its connection
+                # back before the log's engine is disposed, or it is never closed.
+                with contextlib.suppress(Exception):
+                    await self._quality_refresh
+
+        self._cleanup.push_async_callback(cancel)
+
     async def stop(self) -> None:
-        """Runs after the server drained its requests: watcher, batcher, HTTP client."""
+        """Runs after the server drained its requests (also after a failed start): tasks,
+        batcher, decision log, in the reverse order of start-up; then the HTTP client."""
         self.stopping = True
         self.refresh_readiness()
-        for task in (self._watcher, self._quality_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self.batcher is not None:
-            await self.batcher.stop()
-        if self._quality_refresh is not None:
-            # Cancelling the task leaves its thread running: let it give its connection back
-            # before the log's engine is disposed, or the connection is never closed.
-            with contextlib.suppress(Exception):
-                await self._quality_refresh
-        if self.decision_log is not None:  # after the batcher: the last decisions are logged
-            await asyncio.to_thread(self.decision_log.stop)
+        await self._cleanup.aclose()
         await self.images.aclose()
         if self._torch_threads_before is not None:
             torch.set_num_threads(self._torch_threads_before)
@@ -154,7 +200,25 @@ class ServiceState:
         self.draining = True
         self.metrics.ready.set(0)
 
+    def started(self) -> Running:
+        """The running parts; `NotReadyError` while start-up is under way."""
+        if self.running is None:
+            raise NotReadyError(f"not ready: {self._phase}", self.settings.retry_after_s)
+        return self.running
+
+    def ready(self) -> Running:
+        """The running parts, for a request to route with; `NotReadyError` until ready (no
+        valid thresholds, batcher down, stopping)."""
+        running = self.started()
+        if self.not_ready_reason is not None:
+            raise NotReadyError(f"not ready: {self.not_ready_reason}", self.settings.retry_after_s)
+        return running
+
     def apply_reload(self, result: ReloadResult | None) -> None:
+        """Record a reload attempt (`POST /admin/thresholds/reload`, the watcher)."""
+        self._apply_reload(result, self.started().quality)
+
+    def _apply_reload(self, result: ReloadResult | None, quality: QualityGauges | None) -> None:
         """Record a reload attempt in the metrics and the readiness."""
         if result is None:
             return
@@ -164,8 +228,8 @@ class ServiceState:
             self.metrics.set_thresholds(result.active)
         if result.status == "changed" and result.active is not None:
             # Quality restarts with each version: the old one's decisions say little about it.
-            if self.quality is not None:
-                self.quality.restart(result.active.version)
+            if quality is not None:
+                quality.restart(result.active.version)
             for name, boost in result.active.audit_boost.items():
                 if boost.until > time.time():
                     log.info(
@@ -177,15 +241,6 @@ class ServiceState:
                     )
         self.refresh_readiness()
 
-    def active_thresholds(self) -> ActiveThresholds:
-        """The thresholds a new request will use; `NotReadyError` until ready."""
-        if self.not_ready_reason is not None or self.thresholds is None:
-            raise NotReadyError(f"not ready: {self.not_ready_reason}", self.settings.retry_after_s)
-        active = self.thresholds.active
-        if active is None:  # unreachable once ready; kept for the type checker
-            raise NotReadyError("no valid thresholds", self.settings.retry_after_s)
-        return active
-
     def deadline(self, started: float) -> float:
         return started + self.settings.deadline_ms / 1000
 
@@ -194,59 +249,52 @@ class ServiceState:
         time, as if it were one post (its size is not known yet, so the claims of refused
         large requests wait for the check after the body). Not ready yet: let it through,
         the route answers 503 with the reason."""
-        if self.batcher is not None and self.not_ready_reason is None:
-            self.batcher.admit(1, self.deadline(arrived), pending=in_flight, claims=False)
-
-    def _run_batch(self, posts: Sequence[Post]) -> list[Decision]:  # on the model thread
-        if self.engine is None or self.thresholds is None or self.thresholds.active is None:
-            raise RuntimeError("batch before start-up finished")
-        # One thresholds version for the whole batch, read once.
-        return self.engine.route(posts, self.thresholds.active)
+        if self.running is not None and self.not_ready_reason is None:
+            self.running.batcher.admit(1, self.deadline(arrived), pending=in_flight, claims=False)
 
     def refresh_readiness(self) -> None:
+        running = self.running
         if self.stopping:
             reason: str | None = "shutting down"
-        elif self.router is None:
-            reason = "model not loaded"
-        elif self.thresholds is None or self.thresholds.active is None:
-            error = self.thresholds.last_error if self.thresholds else None
+        elif running is None:
+            reason = self._phase
+        elif running.thresholds.active is None:
+            error = running.thresholds.last_error
             # `problem`, not str(): the reason is served by /readyz and must not show paths.
             reason = f"no valid thresholds: {error.problem}" if error else "no thresholds loaded"
-        elif self.batcher is None or not self.batcher.alive:
+        elif not running.batcher.alive:
             reason = "batcher not running"
-        elif self._watcher is None:
-            reason = "warming up"
         else:
             reason = None
         self.not_ready_reason = reason
         self.metrics.ready.set(1 if reason is None and not self.draining else 0)
 
-    async def _watch_thresholds(self) -> None:
+    async def _watch_thresholds(self, running: Running) -> None:
         while True:
             await asyncio.sleep(self.settings.thresholds_poll_s)
-            if self.thresholds is None:
-                continue
             try:
-                self.apply_reload(await asyncio.to_thread(self.thresholds.reload_if_modified))
-                if self.shadow is not None:
-                    await asyncio.to_thread(self.shadow.reload_if_modified)
+                result = await asyncio.to_thread(running.thresholds.reload_if_modified)
+                self._apply_reload(result, running.quality)
+                if running.shadow is not None:
+                    await asyncio.to_thread(running.shadow.reload_if_modified)
             except Exception:  # the watcher must survive anything a file can do
                 log.exception("thresholds watcher step failed")
 
-    async def _refresh_quality(self) -> None:
+    async def _refresh_quality(self, running: Running) -> None:
+        quality, decision_log = running.quality, running.decision_log
+        if quality is None or decision_log is None:
+            return
         while True:
             await asyncio.sleep(self.settings.quality_refresh_s)
-            if self.quality is None or self.decision_log is None:
-                continue
             window_s = self.settings.quality_window_hours * 3600
-            shadow = None if self.shadow is None else self.shadow.store.active
+            shadow = None if running.shadow is None else running.shadow.store.active
             taus = None if shadow is None else shadow.taus
-            active = None if self.thresholds is None else self.thresholds.active
+            active = running.thresholds.active
             if active is None:
                 continue
             self._quality_refresh = asyncio.ensure_future(
                 asyncio.to_thread(
-                    self.quality.refresh, self.decision_log.engine, window_s, taus, active.version
+                    quality.refresh, decision_log.engine, window_s, taus, active.version
                 )
             )
             try:

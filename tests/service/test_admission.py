@@ -19,8 +19,8 @@ async def test_overload_is_refused_before_the_body_is_read(running) -> None:
 
     async with running(deadline_ms=1000) as (client, state):
         # As if each post took 0.2 s of model time with 10 posts queued: 2 s > 0.3 x 1 s.
-        state.batcher._post_cost_s = 0.2
-        state.batcher._in_model = 10
+        state.running.batcher._post_cost_s = 0.2
+        state.running.batcher._in_model = 10
         refused = await client.post("/route", content=body(), headers=JSON)
         health = await client.get("/healthz")
         ready = await client.get("/readyz")
@@ -40,9 +40,9 @@ async def test_a_batch_is_admitted_by_its_post_count(running) -> None:
         # One post in the model, 0.04 s per post: the wait ahead of any request is 0.04 s
         # (< 0.3 of 1 s); with its own posts, ten finish by 0.44 s (< 0.8 of 1 s: admitted),
         # twenty-five by 1.04 s (refused).
-        state.batcher._post_cost_s, state.batcher._in_model = 0.04, 1
+        state.running.batcher._post_cost_s, state.running.batcher._in_model = 0.04, 1
         ten = await client.post("/route/batch", json={"posts": [post(f"a{i}") for i in range(10)]})
-        state.batcher._post_cost_s, state.batcher._in_model = 0.04, 1
+        state.running.batcher._post_cost_s, state.running.batcher._in_model = 0.04, 1
         many = {"posts": [post(f"b{i}") for i in range(25)]}
         refused = await client.post("/route/batch", json=many)
     assert ten.status_code == 200
@@ -52,19 +52,19 @@ async def test_a_batch_is_admitted_by_its_post_count(running) -> None:
 
 async def test_an_idle_router_admits_whatever_its_estimate(running) -> None:
     async with running(deadline_ms=1000) as (client, state):
-        state.batcher._post_cost_s = 5.0  # one pathological batch (a stall) set this
+        state.running.batcher._post_cost_s = 5.0  # one pathological batch (a stall) set this
         response = await client.post("/route/batch", json={"posts": [post("a"), post("b")]})
-        cost = state.batcher._post_cost_s
+        cost = state.running.batcher._post_cost_s
     assert response.status_code == 200  # nothing ahead: nothing to wait for
     assert cost < 5.0  # and the estimate recovers with every batch
 
 
 async def test_the_estimate_follows_measured_batches(running) -> None:
     async with running() as (client, state):
-        assert state.batcher.expected_wait_s() == 0.0  # nothing measured: no refusal
+        assert state.running.batcher.expected_wait_s() == 0.0  # nothing measured: no refusal
         for i in range(3):
             await client.post("/route", json=post(f"m{i}"))
-        cost = state.batcher._post_cost_s
+        cost = state.running.batcher._post_cost_s
     assert cost is not None and 0 < cost < 1.0
 
 
@@ -72,8 +72,8 @@ async def test_a_caller_that_hangs_up_costs_no_forward_pass(running) -> None:
     async with running(max_wait_ms=1) as (client, state):
         app_call = client._transport.app  # the ASGI app behind the test client
         forwards = []
-        real = state.router.forward
-        state.router.forward = lambda inputs: forwards.append(1) or real(inputs)
+        real = state.running.router.forward
+        state.running.router.forward = lambda inputs: forwards.append(1) or real(inputs)
         release = block_model_thread(state)
         body = json.dumps(post("gone")).encode()
         messages = [

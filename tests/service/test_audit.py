@@ -100,7 +100,7 @@ async def test_audited_decisions_are_written_before_their_answer_leaves(
     log_path = thresholds_path.parent / "decision_log.sqlite3"
     write_thresholds(thresholds_path, tiny_store, "release-all", 0.999)  # all released
     async with running(audit_rate=0.5) as (client, state):
-        log = state.decision_log
+        log = state.running.decision_log
         assert log is not None
         log.flush_interval_s = 3600  # the writer thread flushes nothing more during the test
         await asyncio.sleep(0.7)  # its current wait (0.5 s) ends

@@ -27,13 +27,13 @@ def model_posts(n: int) -> list[Post]:
 def count_forwards(state: ServiceState) -> list[int]:
     """Wrap the router's forward: the returned list gets each forward's batch size."""
     forwards: list[int] = []
-    real_forward = state.router.forward
+    real_forward = state.running.router.forward
 
     def counting(inputs):
         forwards.append(int(inputs["input_ids"].shape[0]))
         return real_forward(inputs)
 
-    state.router.forward = counting
+    state.running.router.forward = counting
     return forwards
 
 
@@ -53,7 +53,7 @@ async def test_concurrent_requests_share_one_forward(running) -> None:
 def block_model_thread(state) -> threading.Event:
     """Occupy the single model thread until the returned event is set."""
     release = threading.Event()
-    state.batcher.executor.submit(release.wait, 10)
+    state.running.batcher.executor.submit(release.wait, 10)
     return release
 
 
@@ -100,7 +100,7 @@ async def test_posts_past_their_deadline_in_the_queue_are_not_counted_as_request
     (it once counted every post here, and the request again at its 504)."""
     async with running(deadline_ms=1000, max_wait_ms=1) as (client, state):
         release = block_model_thread(state)
-        futures = [state.batcher.submit(p, time.monotonic() + 0.05) for p in model_posts(3)]
+        futures = [state.running.batcher.submit(p, time.monotonic() + 0.05) for p in model_posts(3)]
         await asyncio.sleep(0.1)  # past the deadline while the model thread is held
         release.set()
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -123,7 +123,7 @@ async def test_callers_that_give_up_do_not_stall_the_batcher(running) -> None:
         responses = await asyncio.gather(
             *(client.post("/route", json=post(f"n{i}")) for i in range(6))
         )
-        assert state.batcher.alive
+        assert state.running.batcher.alive
     assert [r.status_code for r in responses] == [200] * 6
 
 

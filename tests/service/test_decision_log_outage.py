@@ -19,7 +19,7 @@ async def test_a_database_outage_delays_the_log_and_refuses_verdicts_but_loses_n
     first = categories_of(tiny_store)[0]
     verdict = {"verdicts": [{"post_id": "o0", "category": first, "violating": True}]}
     async with running(admin_token="s3cret", decision_log_url=postgres_url) as (client, state):
-        log = state.decision_log
+        log = state.running.decision_log
         assert log is not None
         postgres_server.cut_off(postgres_url)
         try:

@@ -31,21 +31,21 @@ def pin_cost(state: Any, cost_s: float) -> None:
     """Hold the admission's cost estimate at `cost_s` a post (above the slow router's real
     cost, so the queue drains faster than admission assumes): on a shared 2-CPU machine the
     measured cost swings 8-17 ms a post from run to run, and these tests are about the rule."""
-    state.batcher._post_cost_s = cost_s
-    state.batcher._update_cost = lambda cost: None
+    state.running.batcher._post_cost_s = cost_s
+    state.running.batcher._update_cost = lambda cost: None
 
 
 def slow_router(state: Any, per_post_s: float = PER_POST_S) -> list[int]:
     """Make every forward sleep `per_post_s` a post; the list gets each batch's size."""
     sizes: list[int] = []
-    real = state.router.predict_proba
+    real = state.running.router.predict_proba
 
     def slow(posts):
         sizes.append(len(posts))
         time.sleep(per_post_s * len(posts))
         return real(posts)
 
-    state.router.predict_proba = slow
+    state.running.router.predict_proba = slow
     return sizes
 
 
@@ -137,7 +137,7 @@ def test_the_arithmetic_the_tests_rely_on() -> None:
 
 async def test_a_refused_batch_keeps_its_room_until_its_retry(running) -> None:
     async with running(deadline_ms=1000) as (_, state):
-        batcher = state.batcher
+        batcher = state.running.batcher
         batcher._post_cost_s, batcher._in_model = 0.01, 29  # 29 posts ahead, 10 ms each
 
         def soon() -> float:  # a fresh 1 s deadline for each check
@@ -178,7 +178,7 @@ def text_of(state) -> str:
 
 
 def _rows(state) -> list[tuple]:
-    state.decision_log.flush()
+    state.running.decision_log.flush()
     with reading(state.settings.decision_log_location) as conn:
         query = "SELECT post_id, category, unanswered FROM decisions ORDER BY post_id, category"
         return [tuple(row) for row in conn.execute(sql(query))]
@@ -187,7 +187,7 @@ def _rows(state) -> list[tuple]:
 def slow_titles(state, seconds: float) -> list[str]:
     """Forwards of posts titled "slow" sleep `seconds`; the list gets every forwarded title."""
     titles: list[str] = []
-    real = state.router.predict_proba
+    real = state.running.router.predict_proba
 
     def predict(posts):
         titles.extend(p.title for p in posts)
@@ -195,7 +195,7 @@ def slow_titles(state, seconds: float) -> list[str]:
             time.sleep(seconds)
         return real(posts)
 
-    state.router.predict_proba = predict
+    state.running.router.predict_proba = predict
     return titles
 
 

@@ -16,6 +16,7 @@ import torch
 
 from app.model.errors import ModelStoreError
 from app.service.app import create_app
+from app.service.batcher import DynamicBatcher
 from app.service.engine import RouterEngine
 from tests.service.conftest import categories_of, post, serve, write_thresholds
 from tests.service.test_batching import block_model_thread, sample
@@ -29,8 +30,8 @@ async def test_a_failed_batch_dispatches_every_post_everywhere(
     # tau = 1: every post would be auto-passed. A model failure must not inherit that.
     write_thresholds(thresholds_path, tiny_store, "pass-all", 1.0)
     async with running(max_batch_size=8, max_wait_ms=200) as (client, state):
-        real_forward = state.router.forward
-        state.router.forward = _raise_once(real_forward)
+        real_forward = state.running.router.forward
+        state.running.router.forward = _raise_once(real_forward)
         release = block_model_thread(state)  # so the five posts gather into one batch
         pending = [asyncio.create_task(client.post("/route", json=post(f"f{i}"))) for i in range(5)]
         await asyncio.sleep(0.3)
@@ -48,14 +49,14 @@ async def test_a_failed_batch_dispatches_every_post_everywhere(
 
 async def test_non_finite_scores_fall_back_as_bad_output(running, tiny_store) -> None:
     async with running() as (client, state):
-        real = state.router.predict_proba
+        real = state.running.router.predict_proba
 
         def nan_scores(posts):
             probs = real(posts).clone()  # an inference tensor is read-only outside the mode
             probs[:, 1] = float("nan")
             return probs
 
-        state.router.predict_proba = nan_scores
+        state.running.router.predict_proba = nan_scores
         body = (await client.post("/route", json=post("n"))).json()
         text = (await client.get("/metrics")).text
     assert body["flags"] == ["fallback"] and body["dispatch"] == categories_of(tiny_store)
@@ -178,6 +179,14 @@ def test_warm_up_failure_is_a_failed_start(make_settings, monkeypatch) -> None:
         raise RuntimeError("warm-up forward failed")
 
     monkeypatch.setattr(RouterEngine, "warm_up", broken)
+    batchers: list[DynamicBatcher] = []
+    real_start = DynamicBatcher.start
+
+    def start_and_keep(self: DynamicBatcher) -> None:
+        batchers.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(DynamicBatcher, "start", start_and_keep)
     app = create_app(make_settings(torch_threads=1))
     threads_before = torch.get_num_threads()
 
@@ -188,5 +197,6 @@ def test_warm_up_failure_is_a_failed_start(make_settings, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="warm-up forward failed"):
         asyncio.run(start())
     # The failed start was cleaned up: model thread stopped, torch's setting put back.
-    assert app.state.radar.batcher.alive is False
+    assert app.state.radar.running is None  # never started: no request could reach it
+    assert [b.alive for b in batchers] == [False]
     assert torch.get_num_threads() == threads_before

@@ -125,7 +125,7 @@ async def test_an_audit_boost_raises_one_categorys_rate_until_it_expires(
         await asyncio.sleep(max(until - time.time(), 0) + 0.1)
         body = {"posts": [post(f"c{i}", f"t{i}") for i in range(60)]}
         after = (await client.post("/route/batch", json=body)).json()["results"]
-        state.decision_log.flush()
+        state.running.decision_log.flush()
     # While boosted, every post is audited for the boosted category; the others keep the
     # service's rate; after `until`, the boosted category is back to it too.
     assert all(boosted in r["audit"] for r in during)

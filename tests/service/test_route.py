@@ -96,7 +96,7 @@ async def test_limits_on_batch_size_and_body(running) -> None:
 async def test_model_failure_dispatches_to_every_category(running, tiny_store, monkeypatch):
     async with running() as (client, state):
         calls = {"n": 0}
-        real_forward = state.router.forward
+        real_forward = state.running.router.forward
 
         def failing_once(inputs):
             calls["n"] += 1
@@ -104,7 +104,7 @@ async def test_model_failure_dispatches_to_every_category(running, tiny_store, m
                 raise RuntimeError("injected CUDA error")
             return real_forward(inputs)
 
-        monkeypatch.setattr(state.router, "forward", failing_once)
+        monkeypatch.setattr(state.running.router, "forward", failing_once)
         failed = (await client.post("/route", json=post("f1"))).json()
         normal = (await client.post("/route", json=post("f2"))).json()
         metrics = (await client.get("/metrics")).text

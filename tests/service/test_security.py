@@ -45,7 +45,7 @@ async def test_no_stack_trace_or_path_in_any_error(make_settings, tmp_path, thre
         def explode(*_args: object) -> None:
             raise RuntimeError(f"internal detail at {root}/secret.py line 3")
 
-        state.batcher.submit = explode  # an unexpected bug on the request path: a 500
+        state.running.batcher.submit = explode  # an unexpected bug on the request path: a 500
         responses.append(await client.post("/route", json=post("boom")))
     assert [r.status_code for r in responses] == [422, 422, 413, 404, 405, 401, 422, 422, 500]
     for response in responses:
@@ -80,7 +80,7 @@ async def test_request_bodies_are_not_logged(running, caplog, tiny_store, thresh
         def failing(_inputs: object) -> None:
             raise RuntimeError("injected")
 
-        state.router.forward = failing  # the model-failure path logs too
+        state.running.router.forward = failing  # the model-failure path logs too
         await client.post("/route", json=post("f", title=marker))
         write_thresholds(thresholds_path, tiny_store, "v2", 0.4)
     assert "injected" in caplog.text  # the log works; it just never holds a body
@@ -99,18 +99,16 @@ def test_token_comparison_is_constant_time_over_fixed_length_digests(
         return real(a, b)
 
     monkeypatch.setattr(admin.hmac, "compare_digest", spy)
-    request = _FakeRequest("s3cret")
+    state = _FakeState("s3cret")
     with pytest.raises(admin.ForbiddenError):
-        asyncio.run(admin.require_admin(request, f"Bearer {given}"))
-    asyncio.run(admin.require_admin(request, "Bearer s3cret"))
+        asyncio.run(admin.require_admin(state, f"Bearer {given}"))
+    asyncio.run(admin.require_admin(state, "Bearer s3cret"))
     # Every comparison sees two SHA-256 digests: the length of a guess changes nothing.
     assert seen == [(32, 32), (32, 32)]
 
 
-class _FakeRequest:
-    """Just enough of a request for `require_admin`."""
+class _FakeState:
+    """Just enough of the service state for `require_admin`."""
 
     def __init__(self, token: str) -> None:
-        settings = type("S", (), {"admin_token": SecretStr(token)})()
-        state = type("State", (), {"settings": settings})()
-        self.app = type("App", (), {"state": type("AppState", (), {"radar": state})()})()
+        self.settings = type("S", (), {"admin_token": SecretStr(token)})()
