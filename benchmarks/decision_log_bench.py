@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +71,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
 
 
 def bench_log(location: Path | str, work: list[list[DecisionRecord]], verdicts: int) -> dict:
-    log = DecisionLog(location, CollectorRegistry(), retention_s=86400, max_rows=10**8)
+    log = DecisionLog(location, retention_s=86400, max_rows=10**8)
     log.start()
     try:
         walls, cpus = [], []
@@ -138,7 +137,7 @@ def bench_long_log(location: Path | str, n_batches: int, posts_per_batch: int) -
     """A long log, as after hours of traffic: its decisions, then the verticals' verdicts on
     every dispatched or audited one in requests of 10,000; then what one more such request,
     and one quality estimate over everything, cost."""
-    log = DecisionLog(location, CollectorRegistry(), retention_s=1e9, max_rows=10**9)
+    log = DecisionLog(location, retention_s=1e9, max_rows=10**9)
     log.start()
     try:
         work = batches(n_batches, posts_per_batch, seed=2)

@@ -23,11 +23,10 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy import Connection, Engine, Integer, Table, text
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
@@ -69,13 +68,39 @@ class Verdict:
     violating: bool
 
 
+@dataclass
+class LogCounts:
+    """What the log did, as running totals (the service exports them as counters).
+
+    Plain counts and no Prometheus objects here: the feedback layer knows nothing of how
+    the service exposes it; `app.service.metrics` reads these at every scrape.
+    """
+
+    write_failures: int = 0  # flushes that failed (retried; the decisions stay buffered)
+    dropped: int = 0  # decisions not logged: the writer fell behind
+    rejected_rows: int = 0  # rows the database refused, set aside
+    audited_written: int = 0  # rows of audited posts written before their answer left
+    verdicts_joined: int = 0  # verdicts that found their logged decision
+    verdicts_unjoined: int = 0  # verdicts with no logged decision for the post and category
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **increments: int) -> None:
+        """Add to some counts at once (the flushing thread and the loop both count)."""
+        with self._lock:
+            for name, n in increments.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+
+
 class DecisionLog:
     """Buffered writer of decisions, synchronous writer of verdicts, one database."""
 
     def __init__(
         self,
         location: Path | str,
-        registry: CollectorRegistry,
         *,
         retention_s: float,
         max_rows: int,
@@ -97,34 +122,7 @@ class DecisionLog:
         self._thread: threading.Thread | None = None
         self._last_prune = 0.0
         self._failing = False
-        self.write_failures = Counter(
-            "radar_decision_log_write_failures",
-            "Flushes of the decision log that failed (retried; decisions stay buffered).",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "radar_decision_log_dropped",
-            "Decisions not logged because the writer fell behind.",
-            registry=registry,
-        )
-        self.rejected = Counter(
-            "radar_decision_log_rejected_rows",
-            "Decision rows the database refused (set aside so the rows behind them are logged).",
-            registry=registry,
-        )
-        self.written_now = Counter(
-            "radar_decision_log_audited_written",
-            "Decision rows of audited posts written before their answer left.",
-            registry=registry,
-        )
-        self.verdicts = Counter(
-            "radar_feedback_verdicts",
-            "Verdicts received; joined: a logged decision exists for the post and category.",
-            ["joined"],
-            registry=registry,
-        )
-        for joined in ("true", "false"):
-            self.verdicts.labels(joined)
+        self.counts = LogCounts()  # read by the service's metrics at each scrape
 
     @property
     def engine(self) -> Engine:
@@ -158,7 +156,7 @@ class DecisionLog:
         """Buffer decisions for the writer; never blocks."""
         overflow = len(self._pending) + len(records) - (self._pending.maxlen or 0)
         if overflow > 0:
-            self.dropped.inc(overflow)
+            self.counts.add(dropped=overflow)
         self._pending.extend(records)
 
     def record_now(self, records: Sequence[DecisionRecord]) -> bool:
@@ -172,7 +170,7 @@ class DecisionLog:
         except (SQLAlchemyError, DecisionLogError):
             self.record(records)
             return False
-        self.written_now.inc(len(rows))
+        self.counts.add(audited_written=len(rows))
         return True
 
     def add_feedback(self, verdicts: Sequence[Verdict]) -> int:
@@ -198,15 +196,20 @@ class DecisionLog:
         except SQLAlchemyError as exc:
             raise DecisionLogError(f"verdicts not stored: {driver_message(exc)}") from exc
         joined = sum((v.post_id, v.category) in logged for v in verdicts)
-        self.verdicts.labels(joined="true").inc(joined)
-        self.verdicts.labels(joined="false").inc(len(verdicts) - joined)
+        self.counts.add(verdicts_joined=joined, verdicts_unjoined=len(verdicts) - joined)
         return joined
 
     def flush(self) -> None:
         """Write everything buffered now (the writer thread calls this; tests may too)."""
         batch = []
-        while self._pending:
-            batch.append(self._pending.popleft())
+        # Pop until empty, not `while self._pending`: the writer thread and a verdict's
+        # flush drain the same deque, and the other may take the last row between the
+        # check and the pop (an IndexError that failed a verdict request).
+        while True:
+            try:
+                batch.append(self._pending.popleft())
+            except IndexError:
+                break
         if not batch or self._engine is None:
             return
         # A stable sort: of two records for one key (a retry in the same batch), the later
@@ -227,7 +230,7 @@ class DecisionLog:
                     middle = len(part) // 2
                     parts += [part[middle:], part[:middle]]  # the first half next
                     continue
-                self.rejected.inc()
+                self.counts.add(rejected_rows=1)
                 log.error(
                     "decision log %s: row refused, set aside: post %r, category %r: %s",
                     self.where,
@@ -283,13 +286,13 @@ class DecisionLog:
                     self._last_prune = time.monotonic()
                     self.prune()
             except SQLAlchemyError as exc:  # the writer outlives a full disk or a lost database
-                self.write_failures.inc()
+                self.counts.add(write_failures=1)
                 if not self._failing:  # once per outage, not every flush interval
                     problem = driver_message(exc)
                     log.error("decision log %s: write failed, buffering: %s", self.where, problem)
                 self._failing = True
                 if self._stopping:  # nowhere to write what is left: count it as dropped
-                    self.dropped.inc(len(self._pending))
+                    self.counts.add(dropped=len(self._pending))
                     return
             else:
                 if self._failing:

@@ -1,4 +1,7 @@
-"""Every Prometheus object of the service, in one registry per app, updated at a few hooks.
+"""Every Prometheus object of the service, in one registry per app, updated at a few hooks:
+the routing series (`ServiceMetrics`), the shadow thresholds' (`ShadowSeries`), the online
+quality gauges (`QualitySeries`) and the decision log's counters, which the log keeps as
+plain counts (`app.feedback.log.LogCounts`) and this module reads at each scrape.
 
 Histograms, not summaries, so replicas aggregate; labels are bounded (categories, decisions,
 reasons, endpoints; never post ids). Every bounded label value is created at 0 when the
@@ -13,7 +16,7 @@ Auto-pass rate, overall and per category (PromQL):
 """
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal, get_args
 
 from prometheus_client import (
@@ -24,7 +27,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from app.feedback.log import LogCounts
 from app.service.engine import FallbackReason
 from app.service.errors import RejectReason
 from app.thresholds import ActiveThresholds, RefusalReason
@@ -242,8 +248,141 @@ class ServiceMetrics:
         for name in categories:
             self.audits.labels(name).inc()
 
+    def shadow_series(self, categories: Sequence[str]) -> "ShadowSeries":
+        return ShadowSeries(self.registry, categories)
+
+    def quality_series(self, categories: Sequence[str]) -> "QualitySeries":
+        return QualitySeries(self.registry, categories)
+
+    def track_decision_log(self, counts: LogCounts) -> None:
+        """Export the decision log's counts, read at each scrape."""
+        self.registry.register(_DecisionLogCollector(counts))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ShadowSeries:
+    """The shadow thresholds' series, beside the active file's own (`app.service.shadow`
+    decides under the candidate; it never acts, only these move)."""
+
+    def __init__(self, registry: CollectorRegistry, categories: Sequence[str]) -> None:
+        r = registry
+        self.posts = Counter("radar_shadow_posts", "Posts decided under the shadow.", registry=r)
+        self.auto_pass = Counter(
+            "radar_shadow_auto_pass", "Posts the shadow would dispatch nowhere.", registry=r
+        )
+        self.decisions = Counter(
+            "radar_shadow_decisions",
+            "Per-category decisions under the shadow thresholds (they do not act).",
+            ["category", "decision"],
+            registry=r,
+        )
+        self.info = Gauge(
+            "radar_shadow_thresholds_info",
+            "Shadow thresholds version (value 1).",
+            ["version"],
+            registry=r,
+        )
+        self.threshold = Gauge(
+            "radar_shadow_threshold", "Shadow tau per category.", ["category"], registry=r
+        )
+        self.reload_failures = Counter(
+            "radar_shadow_reload_failures",
+            "Shadow thresholds files refused.",
+            ["reason"],
+            registry=r,
+        )
+        for name in categories:
+            for decision in get_args(DecisionLabel):
+                self.decisions.labels(name, decision)
+        for reason in get_args(RefusalReason):
+            self.reload_failures.labels(reason)
+
+
+class QualitySeries:
+    """The online quality gauges (`app.service.quality_export` estimates them from the
+    decision log); NaN while unknown."""
+
+    def __init__(self, registry: CollectorRegistry, categories: Sequence[str]) -> None:
+        self.recall = Gauge(
+            "radar_online_recall",
+            "Estimated recall of the active thresholds version's decisions (audited releases, "
+            "IPW); NaN: unknown.",
+            ["category"],
+            registry=registry,
+        )
+        self.precision = Gauge(
+            "radar_dispatch_precision",
+            "Share of dispatched posts the vertical judged violating; NaN: no verdicts.",
+            ["category"],
+            registry=registry,
+        )
+        self.verdicts = Gauge(
+            "radar_quality_verdicts",
+            "Verdicts behind the estimates (active version, in the window).",
+            ["category", "kind"],
+            registry=registry,
+        )
+        self.recall_upper = Gauge(
+            "radar_online_recall_upper",
+            "Upper end of the 95 % interval of radar_online_recall (the recall alert fires only "
+            "when even this is under target); NaN: unknown.",
+            ["category"],
+            registry=registry,
+        )
+        self.shadow_recall = Gauge(
+            "radar_shadow_online_recall",
+            "Estimated recall the shadow thresholds would have (same verdicts, IPW); NaN: "
+            "unknown or no shadow.",
+            ["category"],
+            registry=registry,
+        )
+
+
+# The decision log's counts as counters: (series name, help, the `LogCounts` field).
+_LOG_COUNTERS = (
+    (
+        "radar_decision_log_write_failures",
+        "Flushes of the decision log that failed (retried; decisions stay buffered).",
+        "write_failures",
+    ),
+    (
+        "radar_decision_log_dropped",
+        "Decisions not logged because the writer fell behind.",
+        "dropped",
+    ),
+    (
+        "radar_decision_log_rejected_rows",
+        "Decision rows the database refused (set aside so the rows behind them are logged).",
+        "rejected_rows",
+    ),
+    (
+        "radar_decision_log_audited_written",
+        "Decision rows of audited posts written before their answer left.",
+        "audited_written",
+    ),
+)
+
+
+class _DecisionLogCollector(Collector):
+    """The log's running totals, read when Prometheus scrapes (nothing to keep in step)."""
+
+    def __init__(self, counts: LogCounts) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.counts.snapshot()
+        for name, documentation, field_name in _LOG_COUNTERS:
+            yield CounterMetricFamily(name, documentation, value=now[field_name])
+        verdicts = CounterMetricFamily(
+            "radar_feedback_verdicts",
+            "Verdicts received; joined: a logged decision exists for the post and category.",
+            labels=["joined"],
+        )
+        verdicts.add_metric(["true"], now["verdicts_joined"])
+        verdicts.add_metric(["false"], now["verdicts_unjoined"])
+        yield verdicts
 
 
 def _or_nan(value: float | None) -> float:

@@ -25,50 +25,24 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, Gauge
 from sqlalchemy import Engine
 
 from app.feedback.quality import CategoryQuality, estimate_quality
+from app.service.metrics import QualitySeries
 
 
 class QualityGauges:
-    def __init__(self, registry: CollectorRegistry, categories: Sequence[str]) -> None:
+    """Re-estimates online quality and sets the `QualitySeries` gauges."""
+
+    def __init__(self, series: QualitySeries, categories: Sequence[str]) -> None:
         self.categories = tuple(categories)
         self.version: str | None = None  # the thresholds version the gauges describe
         self._lock = threading.Lock()  # a refresh in its thread against a restart
-        self.recall = Gauge(
-            "radar_online_recall",
-            "Estimated recall of the active thresholds version's decisions (audited releases, "
-            "IPW); NaN: unknown.",
-            ["category"],
-            registry=registry,
-        )
-        self.precision = Gauge(
-            "radar_dispatch_precision",
-            "Share of dispatched posts the vertical judged violating; NaN: no verdicts.",
-            ["category"],
-            registry=registry,
-        )
-        self.verdicts = Gauge(
-            "radar_quality_verdicts",
-            "Verdicts behind the estimates (active version, in the window).",
-            ["category", "kind"],
-            registry=registry,
-        )
-        self.recall_upper = Gauge(
-            "radar_online_recall_upper",
-            "Upper end of the 95 % interval of radar_online_recall (the recall alert fires only "
-            "when even this is under target); NaN: unknown.",
-            ["category"],
-            registry=registry,
-        )
-        self.shadow_recall = Gauge(
-            "radar_shadow_online_recall",
-            "Estimated recall the shadow thresholds would have (same verdicts, IPW); NaN: "
-            "unknown or no shadow.",
-            ["category"],
-            registry=registry,
-        )
+        self.recall = series.recall
+        self.precision = series.precision
+        self.verdicts = series.verdicts
+        self.recall_upper = series.recall_upper
+        self.shadow_recall = series.shadow_recall
         self._unknown()
 
     def restart(self, version: str) -> None:

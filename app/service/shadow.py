@@ -11,59 +11,31 @@ active one; a refused candidate keeps the previous one, and deleting the file en
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
-from app.service.metrics import DecisionLabel
-from app.thresholds import RefusalReason, ReloadResult, ThresholdsStore
+from app.service.metrics import ShadowSeries
+from app.thresholds import ReloadResult, ThresholdsStore
 
 log = logging.getLogger(__name__)
 
 
 class ShadowThresholds:
-    """The candidate file's store and its `radar_shadow_*` series."""
+    """The candidate file's store, and its `radar_shadow_*` series (`ShadowSeries`)."""
 
     def __init__(
         self,
         path: Path,
         categories: Sequence[str],
         model_version: str,
-        registry: CollectorRegistry,
+        series: ShadowSeries,
     ) -> None:
         self.store = ThresholdsStore(path, categories, model_version, role="shadow")
         self.categories = tuple(categories)
-        r = registry
-        self.posts = Counter("radar_shadow_posts", "Posts decided under the shadow.", registry=r)
-        self.auto_pass = Counter(
-            "radar_shadow_auto_pass", "Posts the shadow would dispatch nowhere.", registry=r
-        )
-        self.decisions = Counter(
-            "radar_shadow_decisions",
-            "Per-category decisions under the shadow thresholds (they do not act).",
-            ["category", "decision"],
-            registry=r,
-        )
-        self.info = Gauge(
-            "radar_shadow_thresholds_info",
-            "Shadow thresholds version (value 1).",
-            ["version"],
-            registry=r,
-        )
-        self.threshold = Gauge(
-            "radar_shadow_threshold", "Shadow tau per category.", ["category"], registry=r
-        )
-        self.reload_failures = Counter(
-            "radar_shadow_reload_failures",
-            "Shadow thresholds files refused.",
-            ["reason"],
-            registry=r,
-        )
-        for name in self.categories:
-            for decision in get_args(DecisionLabel):
-                self.decisions.labels(name, decision)
-        for reason in get_args(RefusalReason):
-            self.reload_failures.labels(reason)
+        self.posts = series.posts
+        self.auto_pass = series.auto_pass
+        self.decisions = series.decisions
+        self.info = series.info
+        self.threshold = series.threshold
+        self.reload_failures = series.reload_failures
 
     def reload(self) -> None:
         self._apply(self.store.reload())

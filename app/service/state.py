@@ -110,9 +110,8 @@ class ServiceState:
         self._apply_reload(await asyncio.to_thread(thresholds.reload), quality)
         shadow = None
         if s.shadow_thresholds_path is not None:
-            shadow = ShadowThresholds(
-                s.shadow_thresholds_path, router.categories, version, self.metrics.registry
-            )
+            series = self.metrics.shadow_series(router.categories)
+            shadow = ShadowThresholds(s.shadow_thresholds_path, router.categories, version, series)
             await asyncio.to_thread(shadow.reload)
 
         def run_batch(posts: Sequence[Post]) -> list[Decision]:  # on the model thread
@@ -156,7 +155,6 @@ class ServiceState:
             return None, None
         decision_log = DecisionLog(
             s.decision_log_location,
-            self.metrics.registry,
             retention_s=s.decision_log_retention_days * 86400,
             max_rows=s.decision_log_max_rows,
         )
@@ -167,7 +165,9 @@ class ServiceState:
             raise
         # Stopped after the batcher (pushed first, undone last): the last decisions are logged.
         self._cleanup.push_async_callback(asyncio.to_thread, decision_log.stop)
-        return decision_log, QualityGauges(self.metrics.registry, categories)
+        self.metrics.track_decision_log(decision_log.counts)
+        quality = QualityGauges(self.metrics.quality_series(categories), categories)
+        return decision_log, quality
 
     def _start_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=name)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 from scipy.stats import binom
 
 from app.cli import CLI_ONLY, build_parser, main
@@ -184,7 +183,7 @@ def write_stream(location: Location, now: float, posts: int = POSTS) -> dict[str
     """`posts` posts spread over the last HOURS hours, every category decided, the dispatched
     and audited ones judged (POST /feedback's path); returns what was written, per category."""
     rng = np.random.default_rng(11)
-    log = DecisionLog(location, CollectorRegistry(), retention_s=1e9, max_rows=10**8)
+    log = DecisionLog(location, retention_s=1e9, max_rows=10**8)
     log.start()
     counts = {c: {"decisions": 0, "released": 0, "hits": 0} for c in CATEGORIES}
     try:
@@ -329,7 +328,7 @@ def test_cli_on_a_missing_or_empty_log(
     assert main(["quality", "plan", "--log", str(tmp_path / "absent.sqlite3")]) == 2
     assert "no decision log at" in capsys.readouterr().err
     empty = new_log()
-    log = DecisionLog(empty, CollectorRegistry(), retention_s=1e9, max_rows=1000)
+    log = DecisionLog(empty, retention_s=1e9, max_rows=1000)
     log.start()
     log.stop()
     assert main(["quality", "plan", "--log", str(empty)]) == 2

@@ -5,7 +5,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
 from sqlalchemy import create_engine, text
 
 from app.feedback.log import DecisionLog, DecisionRecord, Verdict
@@ -41,7 +40,7 @@ def test_a_log_of_the_previous_release_opens_and_keeps_its_rows(tmp_path: Path) 
         conn.execute("INSERT INTO feedback VALUES ('old', 'spam', 1, ?)", (now - 30,))
     conn.close()
 
-    log = DecisionLog(path, CollectorRegistry(), retention_s=86400, max_rows=1000)
+    log = DecisionLog(path, retention_s=86400, max_rows=1000)
     log.start()
     try:
         log.record([DecisionRecord("new", "spam", 0.9, True, False, 0.5, "t1", "m1", now)])
@@ -76,7 +75,7 @@ def test_a_log_without_the_unanswered_column_gains_it(new_log) -> None:
         old = "INSERT INTO decisions VALUES ('old', 'spam', 0.2, 0, 0, 0.5, 't0', 'm0', :t)"
         conn.execute(text(old), {"t": now - 60})
     engine.dispose()
-    log = DecisionLog(location, CollectorRegistry(), retention_s=86400, max_rows=1000)
+    log = DecisionLog(location, retention_s=86400, max_rows=1000)
     log.start()
     try:
         log.record(

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import OperationalError
 
 from app.feedback.log import DecisionLog, DecisionRecord
@@ -22,9 +21,7 @@ def record(post_id: str, model_version: str | None = "m1") -> DecisionRecord:
 
 
 def open_log(location: str | Path) -> DecisionLog:
-    log = DecisionLog(
-        location, CollectorRegistry(), retention_s=86400, max_rows=10_000, flush_interval_s=3600
-    )
+    log = DecisionLog(location, retention_s=86400, max_rows=10_000, flush_interval_s=3600)
     log.start()
     return log
 
@@ -34,7 +31,7 @@ def check_refused_rows_are_set_aside(log: DecisionLog, url: str, bad: list[Decis
     batch = good[:77] + bad[:1] + good[77:150] + bad[1:] + good[150:]
     log.record(batch)
     log.flush()
-    assert log.rejected._value.get() == len(bad)
+    assert log.counts.rejected_rows == len(bad)
     assert [r[0] for r in rows(url, "SELECT post_id FROM decisions ORDER BY post_id")] == [
         r.post_id for r in good
     ]
@@ -86,6 +83,6 @@ def test_an_outage_while_isolating_keeps_the_unwritten_rows(tmp_path: Path, monk
         log.flush()  # the database is back
         written = {r[0] for r in rows(f"sqlite:///{path}", "SELECT post_id FROM decisions")}
         assert written == {f"p{i}" for i in range(8)}
-        assert log.rejected._value.get() == 1 and not log._pending
+        assert log.counts.rejected_rows == 1 and not log._pending
     finally:
         log.stop()

@@ -5,13 +5,11 @@ check holds on a busy machine)."""
 import time
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from app.feedback.log import DecisionLog, DecisionRecord, _logged_keys
 
 
 def steps_to_join(path: Path, n_decisions: int, keys: set[tuple[str, str]]) -> int:
-    log = DecisionLog(path, CollectorRegistry(), retention_s=1e9, max_rows=10**9)
+    log = DecisionLog(path, retention_s=1e9, max_rows=10**9)
     log.start()
     try:
         now = time.time()

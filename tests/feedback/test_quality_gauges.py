@@ -9,15 +9,18 @@ from prometheus_client import CollectorRegistry
 
 from app.feedback.quality import estimate_quality
 from app.feedback.schema import open_log
+from app.service.metrics import QualitySeries
 from app.service.quality_export import QualityGauges
 from tests.feedback.test_quality import T0, stream, write_log
+
+CATEGORIES = ["nudity", "spam", "absent"]
 
 
 def test_gauges_equal_the_estimates_of_the_same_log(tmp_path: Path) -> None:
     rows = stream(seed=11, n=4000)
     location = write_log(tmp_path / "log.sqlite3", rows)
     registry = CollectorRegistry()
-    gauges = QualityGauges(registry, ["nudity", "spam", "absent"])
+    gauges = QualityGauges(QualitySeries(registry, CATEGORIES), CATEGORIES)
     shadow_taus = {"spam": 0.3, "nudity": 0.45}
     engine = open_log(location, readonly=True)
     try:

@@ -20,6 +20,7 @@ from app.cli import main
 from app.feedback.quality import estimate_quality
 from app.feedback.schema import decisions, feedback, open_log
 from app.feedback.window import WindowError, iso, parse_since, thresholds_versions
+from app.service.metrics import QualitySeries
 from app.service.quality_export import QualityGauges
 from tests.logs import Location, draw_decision, reading
 
@@ -149,7 +150,7 @@ def test_gauges_read_the_active_version_and_restart_at_a_new_one(
     rows: list[Row], log: Location
 ) -> None:
     registry = CollectorRegistry()
-    gauges = QualityGauges(registry, ["hate", "spam"])
+    gauges = QualityGauges(QualitySeries(registry, ["hate", "spam"]), ["hate", "spam"])
     window_s = 3600 * 24 * 365 * 100
 
     def recall(category: str = "hate") -> float:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from prometheus_client import CollectorRegistry
 
 from app.feedback.log import DecisionLog, DecisionRecord
+from app.service.metrics import ServiceMetrics
 from tests.logs import Location, log_settings, rows
 from tests.service.conftest import categories_of, post, write_thresholds
 from tests.service.test_batching import sample
@@ -111,7 +111,7 @@ def record(post_id: str, decided_at: float) -> DecisionRecord:
 
 def test_prune_drops_rows_past_the_retention_and_beyond_the_row_cap(new_log: NewLog) -> None:
     location = new_log()
-    log = DecisionLog(location, CollectorRegistry(), retention_s=3600, max_rows=1000)
+    log = DecisionLog(location, retention_s=3600, max_rows=1000)
     log.start()
     now = time.time()
     try:
@@ -128,11 +128,12 @@ def test_prune_drops_rows_past_the_retention_and_beyond_the_row_cap(new_log: New
 
 
 def test_a_full_buffer_drops_the_oldest_and_counts_them(new_log: NewLog) -> None:
-    registry = CollectorRegistry()
+    metrics = ServiceMetrics()
     location = new_log()
-    log = DecisionLog(location, registry, retention_s=3600, max_rows=1000, max_pending=10)
+    log = DecisionLog(location, retention_s=3600, max_rows=1000, max_pending=10)
+    metrics.track_decision_log(log.counts)
     log.record([record(f"p{i}", time.time()) for i in range(15)])  # not started: buffer only
-    assert registry.get_sample_value("radar_decision_log_dropped_total") == 5
+    assert metrics.registry.get_sample_value("radar_decision_log_dropped_total") == 5
     log.start()
     log.stop()  # flushes what the buffer kept
     kept = rows(location, "SELECT post_id FROM decisions ORDER BY post_id")
@@ -239,10 +240,7 @@ def test_replicas_upserting_the_same_posts_at_once_neither_deadlock_nor_lose_row
     routed to another replica. Locks taken in different orders would deadlock on PostgreSQL;
     each flush sorts its rows by key so they never are."""
     location = new_log()
-    logs = [
-        DecisionLog(location, CollectorRegistry(), retention_s=3600, max_rows=100_000)
-        for _ in range(2)
-    ]
+    logs = [DecisionLog(location, retention_s=3600, max_rows=100_000) for _ in range(2)]
     for log in logs:
         log.start()
     failures: list[BaseException] = []

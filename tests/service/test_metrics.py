@@ -160,3 +160,14 @@ def test_label_literals_cover_every_value_the_code_uses() -> None:
     assert counting == ["metrics.py"], counting
     for metric, value in used:
         assert value in literals[metric], (metric, value)
+
+
+def test_every_prometheus_object_is_made_in_the_metrics_module() -> None:
+    """One place to read what the service exports: the shadow, quality and decision-log
+    series too (the log keeps plain counts, which `metrics` reads at each scrape)."""
+    importing = sorted(
+        str(path.relative_to(Path(app.__file__).parent))
+        for path in Path(app.__file__).parent.rglob("*.py")
+        if "prometheus_client" in path.read_text()
+    )
+    assert importing == ["service/metrics.py"], importing
