@@ -114,12 +114,19 @@ class LexicalHead:
                 out[:, k] = self.models[category].decision(texts)
         return out
 
-    def blend(self, texts: Sequence[str], router_logits: np.ndarray) -> np.ndarray:
-        """`(1 - w) · router + w · lexical` per category, `[N, K]` logits."""
+    def blend(
+        self,
+        texts: Sequence[str],
+        router_logits: np.ndarray,
+        lexical_logits: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """`(1 - w) · router + w · lexical` per category, `[N, K]` logits; `lexical_logits`:
+        `logits(texts)` computed already (`Router.prepare`, off the model thread)."""
         w = np.array([self.weights.get(c, 0.0) for c in self.categories])
         if not w.any():
             return np.asarray(router_logits, dtype=np.float64)
-        return (1.0 - w) * router_logits + w * self.logits(texts)
+        lexical = self.logits(texts) if lexical_logits is None else lexical_logits
+        return (1.0 - w) * router_logits + w * lexical
 
     def save(self, store_dir: Path | str) -> None:
         """Write `lexical.json` and `lexical.safetensors` into a model-store directory."""

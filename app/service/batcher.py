@@ -33,6 +33,34 @@ work: the check is arithmetic on counters.
 A post whose caller stopped waiting (504, hang-up) while it was in the forward still gets its
 decision computed; `submit`'s `unclaimed` callback receives it (the decision log keeps it,
 flagged) instead of it being thrown away.
+
+Preparing the next batch while the model runs (issue 15, item 2). Building a batch's inputs
+(tokenising, image resize and patchify: `prepare`, `RouterEngine.prepare` in the service) is
+CPU work that used to run on the model thread before each forward, so the device idled while
+the CPU prepared and the CPU waited while the device ran: a cycle of prepare + forward. Now a
+two-stage pipeline: while batch n runs on the model thread, batch n + 1 is gathered and
+prepared on a preparing thread, and handed to the model the moment it is free, so at
+saturation a batch leaves every max(prepare, forward). One batch is prepared ahead, no more:
+its posts are out of the queue, so deeper would only take posts from later batches early and
+answer them no sooner. While the model is busy, the batch being gathered stays open until
+just before the model will be free (`_close_at`): the posts that arrive meanwhile join it at
+no cost in latency, instead of waiting for the batch after. Everything the serial batcher
+checked still holds: a batch whose callers all gave up or whose deadlines passed while it was
+prepared is not run, one whose callers partly did is prepared again without them (before
+the forward: nobody's forward pays for a caller who left), and the admission estimate is the
+honest cycle, from when the model was free for the batch (or its first post arrived, if
+later) to the end of its forward: 1 / max(prepare, forward) at saturation, gather + prepare +
+forward at low load.
+
+The preparing pool is one thread, not a set of processes: every step of building the inputs
+that costs time releases the GIL (the fast tokenizer's Rust batch encode, which is already
+parallel inside; PIL's resize; numpy and torch arithmetic), so a thread overlaps the forward
+as well as a process would (measured in docs/performance.md, "Preparing while the model
+runs") without pickling every post's images across and the tensors back (a batch of 32 posts
+with 2 images is 38 MB of pixels), nor a copy of the tokenizer and image processor per
+process. One thread, because one batch is prepared at a time and a fast tokenizer must not be
+called from two threads at once (`Router.prepare`); more workers would only take CPU from
+the forward on a small machine.
 """
 
 import asyncio
@@ -53,6 +81,10 @@ from app.service.metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 RunBatch = Callable[[Sequence[Post]], list[Decision]]
+# Builds a batch's inputs ahead of `RunBatch` (off the model thread), returning the posts in
+# the form `RunBatch` takes: `RouterEngine.prepare`. The default leaves them as they are
+# (everything then happens on the model thread, the serial batcher).
+Prepare = Callable[[Sequence[Post]], Sequence[Post]]
 
 # Admit while the expected queue wait is at most this share of the time left: the rest
 # covers reading and decoding the request, the post's own batch, estimate noise and the
@@ -84,6 +116,12 @@ SOLO_BATCHES = 3
 
 
 @dataclass
+class _Batch:
+    items: list["_Pending"]
+    started: float  # time.monotonic() when its first post left the queue: its cycle's start
+
+
+@dataclass
 class _Pending:
     post: Post
     deadline: float  # time.monotonic()
@@ -100,6 +138,7 @@ class DynamicBatcher:
         run_batch: RunBatch,
         metrics: ServiceMetrics,
         *,
+        prepare: Prepare | None = None,
         max_batch_size: int,
         max_wait_s: float,
         queue_size: int,
@@ -109,6 +148,7 @@ class DynamicBatcher:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self._run_batch = run_batch
+        self._prepare = prepare or _as_is
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -120,10 +160,24 @@ class DynamicBatcher:
             initializer=_lower_priority,
             initargs=(model_thread_nice,),
         )
+        # The preparing thread (module doc: one thread, not processes), same priority.
+        self._preparer = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="radar-prepare",
+            initializer=_lower_priority,
+            initargs=(model_thread_nice,),
+        )
         self._task: asyncio.Task[None] | None = None
+        self._forward_task: asyncio.Task[None] | None = None  # the batch on the model thread
+        self._model_idle = asyncio.Event()
+        self._model_idle.set()
         self._post_cost_s: float | None = None  # batch cycle time per post, moving average
-        self._cycle_started = 0.0
+        self._forward_s: float | None = None  # forward time per post, moving average
+        self._prepare_s: float | None = None  # preparing time per post, moving average
+        self._free_at = 0.0  # time.monotonic() when the model thread last finished a batch
+        self._busy_until = 0.0  # expected end of the forward now running; 0.0: none running
         self._in_model = 0  # posts in the forward now running
+        self._staged = 0  # posts out of the queue, not in the model yet (gathered, prepared)
         self._reserved = 0  # admitted posts not queued yet (images decoding)
         self._solo_streak = 0  # single-post batches in a row, just before this one
         # Claims of large requests refused for capacity: posts -> when the claim lapses
@@ -141,10 +195,12 @@ class DynamicBatcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="radar-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._forward_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._preparer.shutdown(wait=True)
         self._executor.shutdown(wait=True)
 
     @property
@@ -164,7 +220,8 @@ class DynamicBatcher:
         return (ahead + posts - 1) * self._post_cost_s
 
     def _ahead(self, pending: int) -> int:
-        return max(self._queue.qsize() + self._in_model + self._reserved, pending)
+        waiting = self._queue.qsize() + self._staged + self._in_model + self._reserved
+        return max(waiting, pending)
 
     def claimed_posts(self, smaller_than: int | None = None) -> int:
         """The largest live claim (0: none), only among claims larger than `smaller_than`
@@ -185,7 +242,8 @@ class DynamicBatcher:
         `claims=False` before the body is read (the admission middleware): the request's
         size is not known yet, and a claimer's own retry must not be refused by its claim.
         """
-        if self._queue.qsize() + posts > self._queue.maxsize:
+        # The batch gathered or prepared ahead of the model still waits: it counts as queued.
+        if self._queue.qsize() + self._staged + posts > self._queue.maxsize:
             raise QueueFullError("the router's queue is full", self.retry_after_s)
         if self._fits(posts, deadline, pending, claims):
             if claims:
@@ -250,33 +308,29 @@ class DynamicBatcher:
         while True:
             batch = await self._gather()
             try:
-                await self._process(batch)
+                await self._stage(batch)
             except Exception:  # the loop must outlive any one batch
-                log.exception("batch of %d posts failed outside the model", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(RuntimeError("internal batching error"))
+                log.exception("batch of %d posts failed outside the model", len(batch.items))
+                _fail(batch.items)
+            finally:
+                self._staged = 0
 
-    async def _gather(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
-        # The cycle this batch costs starts now: gathering, the forward, and the wait for
-        # CPU between them all delay the posts queued behind it.
-        self._cycle_started = time.monotonic()
-        close_at = self._cycle_started + (self.max_wait_s if self._worth_waiting() else 0.0)
-        while len(batch) < self.max_batch_size:
+    async def _gather(self) -> _Batch:
+        batch = _Batch([await self._queue.get()], time.monotonic())
+        self._staged = 1
+        wait = self.max_wait_s if self._worth_waiting() else 0.0
+        while len(batch.items) < self.max_batch_size:
             try:
-                batch.append(self._queue.get_nowait())
-                continue
+                item: _Pending | None = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                pass
-            remaining = close_at - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        self._solo_streak = self._solo_streak + 1 if len(batch) == 1 else 0
+                remaining = self._close_at(batch, wait) - time.monotonic()
+                if remaining <= 0:
+                    break
+                item = await self._next_post(remaining)
+            if item is not None:
+                batch.items.append(item)
+                self._staged = len(batch.items)
+        self._solo_streak = self._solo_streak + 1 if len(batch.items) == 1 else 0
         return batch
 
     def _worth_waiting(self) -> bool:
@@ -284,25 +338,95 @@ class DynamicBatcher:
         alone = self._queue.empty() and self._reserved == 0
         return not (alone and self._solo_streak >= SOLO_BATCHES)
 
-    async def _process(self, batch: list[_Pending]) -> None:
+    def _close_at(self, batch: _Batch, wait: float) -> float:
+        """When to stop gathering `batch`: `wait` after its first post or, while the model
+        is busy, later: just in time to be prepared when the model is free. The posts that
+        arrive until then join it at no cost, instead of waiting a whole cycle more."""
+        close = batch.started + wait
+        if self._busy_until > 0:
+            preparing = (self._prepare_s or 0.0) * len(batch.items)
+            close = max(close, self._busy_until - preparing)
+        return close
+
+    async def _next_post(self, timeout: float) -> _Pending | None:
+        """The next queued post within `timeout`; None at the timeout or, while the model
+        is busy, as soon as it is free (the batch's closing time then moves up)."""
+        getter = asyncio.ensure_future(self._queue.get())
+        waiters: set[asyncio.Future[object]] = {getter}
+        if self._busy_until > 0:
+            waiters.add(asyncio.ensure_future(self._model_idle.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        # Let the cancelled ones finish: a post taken meanwhile is either returned here or,
+        # the get cancelled before it took it, left in the queue (asyncio.Queue.get).
+        await asyncio.wait(waiters)
+        return None if getter.cancelled() else getter.result()
+
+    async def _stage(self, batch: _Batch) -> None:
+        """Prepare `batch` while the model runs the one before, then start its forward."""
         now = time.monotonic()
-        live = [item for item in batch if self._still_wanted(item, now)]
+        live = _wanted(batch.items, now)
+        for item in live:
+            self._metrics.queue_wait.observe(now - item.enqueued)
+        self._staged = len(live)
         if not live:
             return
+        posts = await self._prepared(live)
+        if self._forward_task is not None:  # the model is busy with the batch before
+            await asyncio.wait({self._forward_task})
+        wanted = _wanted(live, time.monotonic())
+        if not wanted:
+            return
+        if len(wanted) < len(live):  # callers left while it was prepared: not run for them
+            posts = await self._prepared(wanted)
+        self._staged = 0
+        loop = asyncio.get_running_loop()
+        self._forward_task = loop.create_task(self._forward(batch.started, wanted, posts))
+
+    async def _prepared(self, items: list[_Pending]) -> Sequence[Post]:
+        """The posts of `items`, prepared on the preparing thread."""
         loop = asyncio.get_running_loop()
         started = time.monotonic()
-        self._in_model = len(live)
+        posts = await loop.run_in_executor(
+            self._preparer, self._prepare, [item.post for item in items]
+        )
+        if len(posts) != len(items):
+            raise RuntimeError(f"{len(posts)} posts prepared for {len(items)}")
+        self._prepare_s = _average(self._prepare_s, (time.monotonic() - started) / len(items))
+        return posts
+
+    async def _forward(self, started: float, items: list[_Pending], posts: Sequence[Post]) -> None:
+        """Run one prepared batch on the model thread and answer its posts.
+
+        `started`: when the batch's first post left the queue; its cycle (`_update_cost`)
+        runs from then, or from when the model was free for it if that came later.
+        """
+        loop = asyncio.get_running_loop()
+        begun = time.monotonic()
+        self._in_model = len(items)
+        self._busy_until = begun + (self._forward_s or 0.0) * len(items)
+        self._model_idle.clear()
         try:
-            answered = await loop.run_in_executor(self._executor, self._run_wanted, live)
+            answered = await loop.run_in_executor(self._executor, self._run_wanted, items, posts)
+        except Exception:  # the batcher must outlive any one batch
+            log.exception("batch of %d posts failed outside the model", len(items))
+            _fail(items)
+            return
         finally:
-            self._in_model = 0
-        finished = time.monotonic()
-        self._metrics.forward_time.observe(finished - started)
+            self._in_model, self._busy_until = 0, 0.0
+            self._model_idle.set()
+            finished = time.monotonic()
+            cycle_started, self._free_at = max(started, self._free_at), finished
+        self._metrics.forward_time.observe(finished - begun)
         if answered:
+            self._forward_s = _average(self._forward_s, (finished - begun) / len(items))
             # Per post of the whole cycle, not of the forward alone: under CPU contention
             # the time around the forward is what the forward-only estimate missed.
-            self._update_cost((finished - self._cycle_started) / len(answered))
-        for item in live:
+            self._update_cost((finished - cycle_started) / len(answered))
+        for item in items:
             decision = answered.get(id(item))
             if item.future.done():
                 if decision is not None and item.future.cancelled():
@@ -320,32 +444,54 @@ class DynamicBatcher:
             return
         self._post_cost_s = (1 - COST_EWMA) * old + COST_EWMA * min(cost, COST_STEP * old)
 
-    def _still_wanted(self, item: _Pending, now: float) -> bool:
-        """False for a caller that gave up (cancelled future) or a passed deadline."""
-        if item.future.done():
-            return False
-        if now >= item.deadline:
-            item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
-            return False
-        self._metrics.queue_wait.observe(now - item.enqueued)
-        return True
+    def _run_wanted(self, items: list[_Pending], posts: Sequence[Post]) -> dict[int, Decision]:
+        """On the model thread: run the prepared `posts` of `items` if any is still wanted
+        *now*; decisions keyed by `id(item)`, none for a post whose deadline has passed.
 
-    def _run_wanted(self, items: list[_Pending]) -> dict[int, Decision]:
-        """On the model thread: run the posts still wanted *now*, keyed by `id(item)`.
-
-        The model thread may have been busy since the batch was gathered; a caller that gave
-        up meanwhile (a cancellation storm) must not cost a forward pass. `future.done()` is
-        a single state read, safe from this thread; results are set on the loop.
+        The model thread may have been busy since the batch was prepared; callers that all
+        gave up meanwhile (a cancellation storm) must not cost a forward pass. One who left
+        in the instant since the loop last looked (`_stage`) is run with the rest: its
+        decision goes to `unclaimed`. `future.done()` is a single state read, safe from this
+        thread; results are set on the loop.
         """
         now = time.monotonic()
-        wanted = [i for i in items if not i.future.done() and now < i.deadline]
-        if not wanted:
+        if not any(not item.future.done() and now < item.deadline for item in items):
             return {}
-        self._metrics.batch_size.observe(len(wanted))
-        decisions = self._run_batch([item.post for item in wanted])
-        if len(decisions) != len(wanted):
-            raise RuntimeError(f"{len(decisions)} decisions for {len(wanted)} posts")
-        return {id(item): decision for item, decision in zip(wanted, decisions, strict=True)}
+        self._metrics.batch_size.observe(len(posts))
+        decisions = self._run_batch(posts)
+        if len(decisions) != len(items):
+            raise RuntimeError(f"{len(decisions)} decisions for {len(items)} posts")
+        pairs = zip(items, decisions, strict=True)
+        return {id(item): decision for item, decision in pairs if now < item.deadline}
+
+
+def _wanted(items: list[_Pending], now: float) -> list[_Pending]:
+    """The items still wanted: not given up by their caller (cancelled future), and before
+    their deadline (a passed one is failed here)."""
+    wanted = []
+    for item in items:
+        if item.future.done():
+            continue
+        if now >= item.deadline:
+            item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
+            continue
+        wanted.append(item)
+    return wanted
+
+
+def _fail(items: list[_Pending]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(RuntimeError("internal batching error"))
+
+
+def _as_is(posts: Sequence[Post]) -> Sequence[Post]:
+    return posts
+
+
+def _average(old: float | None, new: float) -> float:
+    """A moving average (weight `COST_EWMA` on the newest) of a time per post."""
+    return new if old is None else (1 - COST_EWMA) * old + COST_EWMA * new
 
 
 def _hand_back(item: _Pending, decision: Decision) -> None:

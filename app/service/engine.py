@@ -1,7 +1,10 @@
 """One batch through the model and the thresholds: scores → per-category decisions.
 
-Runs on the model thread. A failure of the model never auto-passes a post: it is dispatched
-to every category and flagged (fail-safe), with a bounded reason for the metric.
+Two steps, so that the batcher can overlap them: `prepare` builds a batch's inputs (CPU
+work) on the preparing thread while the model thread runs the batch before; `route` runs the
+forward and the thresholds on the model thread. A failure of either never auto-passes a
+post: it is dispatched to every category and flagged (fail-safe), with a bounded reason for
+the metric.
 """
 
 import logging
@@ -13,7 +16,7 @@ from typing import Literal
 import torch
 
 from app.model.post import Post
-from app.model.router import Router
+from app.model.router import PreparedBatch, Router
 from app.thresholds import ActiveThresholds, AuditBoost
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,11 @@ class Decision:
         return not self.dispatch
 
 
+class UnbuiltBatch(tuple[Post, ...]):
+    """Posts whose inputs failed to build in `RouterEngine.prepare` (logged there): `route`
+    falls back on them at once instead of building again on the model thread."""
+
+
 class RouterEngine:
     """Scores a batch and applies one thresholds version to all of it."""
 
@@ -44,8 +52,20 @@ class RouterEngine:
         self.router = router
         self.categories = router.categories
 
+    def prepare(self, posts: Sequence[Post]) -> PreparedBatch | UnbuiltBatch:
+        """Build the inputs of `posts` ahead of `route` (off the model thread, one call at a
+        time: `Router.prepare`); never raises: a failure comes back as an `UnbuiltBatch`."""
+        try:
+            return self.router.prepare(posts)
+        except Exception:
+            log.exception("inputs failed for a batch of %d posts; dispatching to all", len(posts))
+            return UnbuiltBatch(posts)
+
     def route(self, posts: Sequence[Post], thresholds: ActiveThresholds) -> list[Decision]:
-        """Decisions for `posts`, in order; never raises for a model failure."""
+        """Decisions for `posts` (plain, or from `prepare`), in order; never raises for a
+        model failure."""
+        if isinstance(posts, UnbuiltBatch):
+            return [self.fallback(thresholds, "model_error") for _ in posts]
         try:
             probs = self.router.predict_proba(posts)
             if probs.shape != (len(posts), len(self.categories)):
@@ -56,9 +76,12 @@ class RouterEngine:
         return [self._decide(row, thresholds) for row in probs.tolist()]
 
     def warm_up(self) -> None:
-        """One forward on a dummy post, so the first request pays no lazy initialisation."""
+        """One forward on a dummy post, prepared as served (pinned memory on CUDA), so the
+        first request pays no lazy initialisation; raises on failure."""
         with torch.inference_mode():
-            self.router.predict_proba([Post(title="warm-up", ocr_text="warm-up")])
+            self.router.predict_proba(
+                self.router.prepare([Post(title="warm-up", ocr_text="warm-up")])
+            )
 
     def fallback(self, thresholds: ActiveThresholds, reason: FallbackReason) -> Decision:
         return Decision(

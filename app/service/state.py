@@ -123,6 +123,7 @@ class ServiceState:
         batcher = DynamicBatcher(
             run_batch,
             self.metrics,
+            prepare=engine.prepare,  # inputs built while the model runs the batch before
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
             queue_size=s.queue_size,
