@@ -14,6 +14,8 @@ policy, forwards on the model thread stalled ~1 s each for the first seconds on 
 and image decoding between forwards.
 """
 
+import asyncio
+import heapq
 import logging
 import os
 import signal
@@ -31,19 +33,45 @@ from app.service.settings import Settings
 
 STARTUP_FAILURE = 3  # uvicorn's own exit status when the lifespan start-up fails
 MAX_HEADER_BYTES = 16 * 1024
+# At the connection limit, this share of it is closed at once (the idle connections that
+# opened first): one scan of the connections makes room for many newcomers.
+REAP_SHARE = 1 / 16
 
 log = logging.getLogger(__name__)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, refusing a request line plus headers over
-    `MAX_HEADER_BYTES` (a 400, connection closed) instead of holding them whole.
+    """uvicorn's httptools protocol with two bounds it lacks.
 
-    Raising in a parser callback makes httptools raise `HttpParserCallbackError`, an
-    `HttpParserError`, which uvicorn answers with 400 "Invalid HTTP request received."
+    The request head: a request line plus headers over `MAX_HEADER_BYTES` is refused (a 400,
+    connection closed) instead of held whole. Raising in a parser callback makes httptools
+    raise `HttpParserCallbackError`, an `HttpParserError`, which uvicorn answers with 400
+    "Invalid HTTP request received."
+
+    The connections (`max_connections`, set by `bounded_protocol`): a newcomer at the limit
+    makes room by closing idle connections, those holding no request (silent, headers
+    incomplete, or keep-alive between requests), the ones opened first. uvicorn's own
+    `limit_concurrency` answers 503 to every request once that many connections are open,
+    silent ones included: 3,000 silent connections, reopened as soon as closed, had normal
+    traffic answered 503 393 times out of 399 (`benchmarks/connection_flood.py`). A
+    connection inside a request is never closed here (its deadline bounds it); when every
+    connection is inside one, the newcomer is closed at once: the service is full.
     """
 
     _head_bytes = 0
+    max_connections: int | None = None
+    opened_at = 0.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.opened_at = time.monotonic()
+        limit = self.max_connections
+        if limit is None or len(self.connections) <= limit:
+            return
+        room = max(1, int(limit * REAP_SHARE))
+        if _close_idle(self.connections, room, keep=self) == 0:
+            log.warning("%d connections, all inside a request: refusing a new one", limit)
+            transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -61,6 +89,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes += size
         if self._head_bytes > MAX_HEADER_BYTES:
             raise ValueError(f"request head over {MAX_HEADER_BYTES} bytes")
+
+
+def _close_idle(connections: set[Any], count: int, keep: object) -> int:
+    """Close up to `count` idle connections other than `keep`, the ones opened first."""
+    idle = [
+        c
+        for c in connections
+        if c is not keep and _holds_no_request(c) and not c.transport.is_closing()
+    ]
+    oldest = heapq.nsmallest(count, idle, key=lambda c: getattr(c, "opened_at", 0.0))
+    for connection in oldest:
+        connection.transport.close()
+    if oldest:
+        log.warning("at the connection limit: closed %d idle connections for new ones", len(oldest))
+    return len(oldest)
+
+
+def _holds_no_request(connection: Any) -> bool:
+    """Not inside a request: headers incomplete, or between requests (uvicorn's `cycle`)."""
+    cycle = getattr(connection, "cycle", None)
+    return cycle is None or cycle.response_complete
+
+
+def bounded_protocol(max_connections: int) -> type[BoundedHttpToolsProtocol]:
+    """`BoundedHttpToolsProtocol` holding at most `max_connections` connections."""
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {"max_connections": max_connections},
+    )
 
 
 class GuardedServer(uvicorn.Server):
@@ -123,8 +181,7 @@ class GuardedServer(uvicorn.Server):
         idle_since: dict[object, float] = {}
         closed = 0
         for connection in list(self.server_state.connections):
-            cycle = getattr(connection, "cycle", None)
-            if cycle is not None and not cycle.response_complete:
+            if not _holds_no_request(connection):
                 continue  # inside a request: its deadline bounds it
             since = idle_since[connection] = self._idle_since.get(connection, now)
             transport = getattr(connection, "transport", None)
@@ -154,14 +211,14 @@ def build_server(
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        # Beyond this many connections uvicorn answers 503 instead of taking more work.
-        limit_concurrency=settings.max_connections,
+        # No `limit_concurrency`: it counts silent connections as work and 503s everyone
+        # (see BoundedHttpToolsProtocol, which bounds the connections instead).
         timeout_keep_alive=int(settings.keep_alive_s),
         # httptools (uvicorn's fast parser), with the request head bounded: uvicorn's own
         # httptools protocol accumulates the URL and headers without limit. h11 bounds them
         # but served ~18 % fewer requests per second in the load test (42.7 vs 52.0 rps,
         # tests/service/test_load.py, one run each on 2 cores).
-        http=BoundedHttpToolsProtocol,
+        http=bounded_protocol(settings.max_connections),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,  # should h11 be configured instead
     )
     return GuardedServer(

@@ -59,7 +59,11 @@ class Settings(BaseSettings):
         "image that would pass it is a 413 too_many_pixels",
     )
     max_connections: int = Field(
-        default=2048, ge=1, le=1_000_000, description="open connections; beyond, uvicorn 503s"
+        default=2048,
+        ge=1,
+        le=1_000_000,
+        description="open connections; at the limit, idle ones (holding no request) are "
+        "closed to make room for new ones",
     )
     header_timeout_s: float = Field(
         default=10.0,

@@ -110,6 +110,47 @@ def test_connections_holding_no_request_are_closed(make_settings) -> None:
     assert after.status_code == 200
 
 
+def test_silent_connections_at_the_limit_make_room_and_never_refuse_requests(
+    make_settings,
+) -> None:
+    """With uvicorn's `limit_concurrency`, connections that send nothing counted as work:
+    once as many were open as the limit, every request was answered 503."""
+    limit = 20
+    settings = make_settings(max_connections=limit, header_timeout_s=60)
+    with guarded_server(settings) as (url, _, _):
+        silent = [raw_connection(url, b"") for _ in range(2 * limit)]
+        partial = [raw_connection(url, b"POST /route HTTP/1.1\r\nHost: radar\r\n")]
+        time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            # Each request on a connection of its own: a new client must get in.
+            normal = []
+            for i in range(10):
+                normal.append(client.post("/route", json=post(f"n{i}")))
+                client.close()
+                client = httpx.Client(base_url=url, timeout=10)
+            client.close()
+        closed = sum(read_all(conn, timeout_s=0.5) == b"" for conn in silent[:limit])
+        for conn in [*silent[limit:], *partial]:
+            conn.close()
+    assert [r.status_code for r in normal] == [200] * 10, [r.text for r in normal[:3]]
+    # The first opened were closed for newcomers (well before the 60 s header timeout).
+    assert closed == limit
+
+
+def test_a_connection_inside_a_request_is_never_closed_for_room(make_settings) -> None:
+    limit = 4
+    settings = make_settings(max_connections=limit, header_timeout_s=60, deadline_ms=3000)
+    with guarded_server(settings) as (url, _, _):
+        in_request = raw_connection(url, PARTIAL_BODY)  # headers done, body on its way
+        time.sleep(0.2)
+        silent = [raw_connection(url, b"") for _ in range(3 * limit)]
+        in_request.sendall(b'x"}' + b" " * (1000 - len(PARTIAL_BODY.split(b"\r\n\r\n")[1]) - 3))
+        answer = read_all(in_request, timeout_s=5)
+        for conn in silent:
+            conn.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_oversized_headers_are_refused(make_settings) -> None:
     with guarded_server(make_settings()) as (url, _, _):
         flood = raw_connection(
