@@ -399,7 +399,8 @@ class DynamicBatcher:
         return posts
 
     async def _forward(self, started: float, items: list[_Pending], posts: Sequence[Post]) -> None:
-        """Run one prepared batch on the model thread and answer its posts.
+        """Run one prepared batch on the model thread and answer its posts (a task: the
+        loop meanwhile gathers and prepares the next batch).
 
         `started`: when the batch's first post left the queue; its cycle (`_update_cost`)
         runs from then, or from when the model was free for it if that came later.
@@ -411,21 +412,34 @@ class DynamicBatcher:
         self._model_idle.clear()
         try:
             answered = await loop.run_in_executor(self._executor, self._run_wanted, items, posts)
+            finished = time.monotonic()
+            self._account(started, begun, finished, len(items), len(answered))
+            self._answer(items, answered)
         except Exception:  # the batcher must outlive any one batch
             log.exception("batch of %d posts failed outside the model", len(items))
             _fail(items)
-            return
         finally:
             self._in_model, self._busy_until = 0, 0.0
+            self._free_at = max(self._free_at, time.monotonic())
             self._model_idle.set()
-            finished = time.monotonic()
-            cycle_started, self._free_at = max(started, self._free_at), finished
+
+    def _account(
+        self, started: float, begun: float, finished: float, run: int, answered: int
+    ) -> None:
+        """Record one forward (`begun` to `finished`, `run` posts) in the metric and the
+        estimates, the admission's one (`_update_cost`) from the batch's whole cycle."""
         self._metrics.forward_time.observe(finished - begun)
-        if answered:
-            self._forward_s = _average(self._forward_s, (finished - begun) / len(items))
-            # Per post of the whole cycle, not of the forward alone: under CPU contention
-            # the time around the forward is what the forward-only estimate missed.
-            self._update_cost((finished - cycle_started) / len(answered))
+        if not answered:
+            return
+        self._forward_s = _average(self._forward_s, (finished - begun) / run)
+        # Per post of the whole cycle, not of the forward alone: under CPU contention the
+        # time around the forward is what the forward-only estimate missed. The cycle starts
+        # when the model was free for this batch (the pipeline's rate: 1 / max(prepare,
+        # forward)) or, at low load, when its first post arrived (gather + prepare + forward).
+        self._update_cost((finished - max(started, self._free_at)) / answered)
+        self._free_at = finished
+
+    def _answer(self, items: list[_Pending], answered: dict[int, Decision]) -> None:
         for item in items:
             decision = answered.get(id(item))
             if item.future.done():
