@@ -52,15 +52,20 @@ honest cycle, from when the model was free for the batch (or its first post arri
 later) to the end of its forward: 1 / max(prepare, forward) at saturation, gather + prepare +
 forward at low load.
 
-The preparing pool is one thread, not a set of processes: every step of building the inputs
-that costs time releases the GIL (the fast tokenizer's Rust batch encode, which is already
-parallel inside; PIL's resize; numpy and torch arithmetic), so a thread overlaps the forward
-as well as a process would (measured in docs/performance.md, "Preparing while the model
-runs") without pickling every post's images across and the tensors back (a batch of 32 posts
-with 2 images is 38 MB of pixels), nor a copy of the tokenizer and image processor per
-process. One thread, because one batch is prepared at a time and a fast tokenizer must not be
-called from two threads at once (`Router.prepare`); more workers would only take CPU from
-the forward on a small machine.
+The preparing pool is one thread, not a set of processes. The heavy steps release the GIL
+(the fast tokenizer's Rust batch encode, parallel inside already; PIL's resize; numpy and
+torch arithmetic), and so does the forward inside torch's kernels, so the two stages overlap
+on threads; what holds the GIL is short Python glue and the lexical head's n-gram analysis
+(~2 ms a post). Measured on 2 shared CPUs (docs/performance.md, "Preparing while the model
+runs"): a pure-Python thread kept 0.35 of its speed beside preparing, yet with a forward
+that leaves the CPU free (a test device) the threads reach 0.86–0.88 of 1 / max(prepare,
+forward) against 0.88–0.91 of 1 / (prepare + forward) serial. A process
+would escape the GIL but pickle every post's images across and the tensors back (a batch of
+32 posts with 2 images is 38 MB of pixels) and hold a copy of the tokenizer, image processor
+and n-gram vocabularies per process: worth it only where preparing outgrows the forward, not
+on these machines. One thread, because one batch is prepared at a time and a fast tokenizer
+must not be called from two threads at once (`Router.prepare`); more workers would only take
+CPU from the forward on a small machine.
 """
 
 import asyncio
