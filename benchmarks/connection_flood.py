@@ -20,9 +20,7 @@ many silent connections the server closed (its watchdog, `RADAR_HEADER_TIMEOUT_S
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,8 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import free_port, rss_mb  # noqa: E402
-from tests.service.live import wait_ready  # noqa: E402
+from benchmarks.loadgen import rss_mb, tiny_service  # noqa: E402
 
 PARTIAL = b"POST /route HTTP/1.1\r\nHost: radar\r\n"  # and then nothing
 
@@ -156,31 +153,16 @@ def main() -> None:
     parser.add_argument("--header-timeout-s", type=float, default=10.0, help="server setting")
     parser.add_argument("--max-connections", type=int, default=2048, help="server setting")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "tiny"
-        subprocess.run(  # noqa: S603 - our own interpreter and arguments
-            [sys.executable, "-m", "app.cli", "make-tiny-model", str(store)], check=True, cwd=ROOT
-        )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "RADAR_DECISION_LOG_PATH": "",
-            "RADAR_TORCH_THREADS": "1",
-            "RADAR_HEADER_TIMEOUT_S": str(args.header_timeout_s),
-            "RADAR_MAX_CONNECTIONS": str(args.max_connections),
+    settings = {
+        "RADAR_HEADER_TIMEOUT_S": str(args.header_timeout_s),
+        "RADAR_MAX_CONNECTIONS": str(args.max_connections),
+    }
+    with tiny_service(settings) as (url, pid):
+        port = int(url.rsplit(":", 1)[1])
+        results = {
+            "baseline": phase(url, port, pid, args.seconds, None),
+            "flood": phase(url, port, pid, args.seconds, args),
         }
-        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-        command += ["--model-dir", str(store), "--thresholds", str(ROOT / "thresholds/tiny.yaml")]
-        with subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.DEVNULL) as server:  # noqa: S603
-            try:
-                wait_ready(url, timeout_s=120, alive=server)
-                results = {
-                    "baseline": phase(url, port, server.pid, args.seconds, None),
-                    "flood": phase(url, port, server.pid, args.seconds, args),
-                }
-            finally:
-                server.terminate()
     kind = "partial heads" if args.partial else "silent"
     print(
         f"{args.connections} {kind} connections, reconnect={args.reconnect}, "

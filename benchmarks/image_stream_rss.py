@@ -17,10 +17,7 @@ status counts, and the server's RSS (sampled every 0.2 s from /proc): at start, 
 import argparse
 import base64
 import io
-import os
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,8 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.loadgen import free_port  # noqa: E402
-from tests.service.live import wait_ready  # noqa: E402
+from benchmarks.loadgen import tiny_service  # noqa: E402
 
 
 def rss_mib(pid: int) -> float:
@@ -103,25 +99,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per phase (20)")
     parser.add_argument("--attackers", type=int, default=4, help="clients sending images (4)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "tiny"
-        subprocess.run(  # noqa: S603 - our own interpreter and arguments
-            [sys.executable, "-m", "app.cli", "make-tiny-model", str(store)], check=True, cwd=ROOT
-        )
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "RADAR_DECISION_LOG_PATH": "", "RADAR_TORCH_THREADS": "1"}
-        command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-        command += ["--model-dir", str(store), "--thresholds", str(ROOT / "thresholds/tiny.yaml")]
-        with subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.DEVNULL) as server:  # noqa: S603
-            try:
-                wait_ready(url, timeout_s=120, alive=server)
-                results = {
-                    "baseline": phase(url, server.pid, args.seconds, 0),
-                    "attacked": phase(url, server.pid, args.seconds, args.attackers),
-                }
-            finally:
-                server.terminate()
+    with tiny_service() as (url, pid):
+        results = {
+            "baseline": phase(url, pid, args.seconds, 0),
+            "attacked": phase(url, pid, args.seconds, args.attackers),
+        }
     print(
         f"{'phase':<10} {'normal status':<16} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'attack status':<22} {'RSS start/peak/end MiB':>24}"
