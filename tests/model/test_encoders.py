@@ -13,7 +13,12 @@ import torch
 from PIL import Image
 
 from app.model.backbones import load_backbone
-from app.model.backbones.dual_encoder import locate_image_weights, preprocess_image
+from app.model.backbones.dual_encoder import (
+    CPU_IMAGE_CHUNK,
+    ImageEncoder,
+    locate_image_weights,
+    preprocess_image,
+)
 from app.model.backbones.text_encoder import pool_hidden
 from app.model.config import RouterConfig
 from app.model.errors import InputError, ModelStoreError
@@ -242,6 +247,22 @@ def test_image_weights_are_found_in_a_directory(tiny_image_weights: Path, tmp_pa
     shutil.copy(tiny_image_weights, folder / "other.pth")
     with pytest.raises(ModelStoreError, match="several weights files"):
         locate_image_weights(tmp_path / "image")
+
+
+def test_cpu_image_chunks_give_the_whole_batch_features(tiny_image_weights: Path) -> None:
+    """Channels-last chunks on the CPU (for speed) compute what one NCHW batch computes."""
+    encoder = ImageEncoder.load(tiny_image_weights, TINY_IMAGE_SIZE).eval()
+    whole = ImageEncoder.load(tiny_image_weights, TINY_IMAGE_SIZE).eval()
+    pixels = torch.randn(2 * CPU_IMAGE_CHUNK + 1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    with torch.inference_mode():
+        chunked = encoder(pixels)
+        expected = whole.net.extract_features(pixels).mean(dim=(2, 3))
+        again = encoder(pixels[:1])  # one image alone: what it is in any batch
+    assert chunked.shape == (pixels.shape[0], encoder.hidden_size)
+    # To float rounding: another memory layout sums in another order.
+    torch.testing.assert_close(chunked, expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(again, expected[:1], rtol=1e-3, atol=1e-4)
+    assert not any(p.is_inference() for p in encoder.parameters())  # still trainable tensors
 
 
 def test_preprocess_letterboxes_and_scales():

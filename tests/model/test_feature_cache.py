@@ -264,7 +264,8 @@ def test_one_changed_weight_is_a_miss_with_the_new_features(
     # The same change made in place, the cache enabled again: the key is the weights' digest,
     # not the file's name, so these are the changed encoder's entries.
     with torch.no_grad():
-        backbone_of(original).image_encoder.net._conv_stem.weight.view(-1)[0] += 0.5
+        # Indexed, not `.view(-1)`: after a CPU forward the weights are channels-last.
+        backbone_of(original).image_encoder.net._conv_stem.weight[0, 0, 0, 0] += 0.5
     assert cached_features(original, cache, post)[1]
     identities = [p for p in cache.iterdir() if p.is_dir()]
     assert len(identities) == 2

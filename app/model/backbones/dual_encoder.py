@@ -61,6 +61,9 @@ PAD_GREY = (127, 127, 127)
 # Part of the feature-cache key: change it whenever `preprocess_image` changes its output in a
 # way its parameters (size, PIXEL_MEAN, PIXEL_STD, PAD_GREY, also in the key) do not show.
 PREPROCESS_VERSION = "letterbox-bicubic-v1"
+# Images per forward of the image encoder on the CPU (see `ImageEncoder.forward`): 4 was the
+# fastest per image of 1, 2, 4 and 8 at batches of 8 and 64 on 2 CPUs.
+CPU_IMAGE_CHUNK = 4
 _READ_ERRORS = (
     OSError,
     RuntimeError,
@@ -121,6 +124,7 @@ class ImageEncoder(nn.Module):
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
         self.net = net
+        self._channels_last = False  # the CPU path converts the weights at its first forward
 
     @staticmethod
     def build(image_size: int) -> nn.Module:
@@ -154,7 +158,30 @@ class ImageEncoder(nn.Module):
         return int(self.net._conv_head.out_channels)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[n_images, 3, S, S]` → `[n_images, hidden_size]`."""
+        """`[n_images, 3, S, S]` → `[n_images, hidden_size]`.
+
+        On the CPU in channels-last layout and `CPU_IMAGE_CHUNK` images at a time: there the
+        network's cost per image grows with its batch in the default layout (the activations
+        of a large batch outgrow the caches), so a batch of image posts ran slower per post
+        than one post alone. Measured on 2 CPUs, EfficientNet-Lite0 at 224 px, ms per image
+        at batches of 1 / 8 / 64 (`python benchmarks/image_layout.py`, docs/performance.md):
+        NCHW whole batch 50 / 51 / 78, channels-last in chunks of 4: 42 / 22 / 19. The
+        features are the same (to float rounding). Elsewhere (CUDA) the batch goes whole.
+        """
+        if pixel_values.device.type != "cpu":
+            return self._pooled(pixel_values)
+        if not self._channels_last:
+            # Once: the weights' layout. Outside inference mode even when called in it, or
+            # the new weights would be inference tensors that training could not use.
+            with torch.inference_mode(False), torch.no_grad():
+                self.net.to(memory_format=torch.channels_last)
+            self._channels_last = True
+        chunks = pixel_values.split(CPU_IMAGE_CHUNK)
+        return torch.cat(
+            [self._pooled(c.contiguous(memory_format=torch.channels_last)) for c in chunks]
+        )
+
+    def _pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(pixel_values).mean(dim=(2, 3))
 
 
