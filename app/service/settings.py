@@ -55,7 +55,8 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(
         default=100_000_000,
         ge=1024,
-        description="decoded pixels of all images of one request (RGB: 3 bytes each); the "
+        description="decoded pixels of all images of one request (Pillow holds RGB in 4 bytes "
+        "a pixel); the "
         "image that would pass it is a 413 too_many_pixels",
     )
     max_connections: int = Field(
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
     max_inflight_pixels: int = Field(
         default=400_000_000,
         ge=1024,
-        description="decoded pixels held by all requests in progress (~1.2 GB as RGB); "
+        description="decoded pixels held by all requests in progress (~1.5 GiB as RGB); "
         "beyond, a 503 images_busy with Retry-After",
     )
     decode_threads: int = Field(
