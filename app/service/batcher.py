@@ -400,7 +400,9 @@ class DynamicBatcher:
         )
         if len(posts) != len(items):
             raise RuntimeError(f"{len(posts)} posts prepared for {len(items)}")
-        self._prepare_s = _average(self._prepare_s, (time.monotonic() - started) / len(items))
+        took = time.monotonic() - started
+        self._metrics.prepare_time.observe(took)
+        self._prepare_s = _average(self._prepare_s, took / len(items))
         return posts
 
     async def _forward(self, started: float, items: list[_Pending], posts: Sequence[Post]) -> None:

@@ -108,7 +108,14 @@ class ServiceMetrics:
         )
         self.forward_time = Histogram(
             "radar_forward_duration_seconds",
-            "Model time per batch (inputs + forward).",
+            "Model time per batch (the forward; its inputs were prepared ahead).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prepare_time = Histogram(
+            "radar_prepare_duration_seconds",
+            "Time to prepare a batch's inputs (tokenising, image preprocessing, n-grams), on "
+            "the preparing thread while the model runs the batch before.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -171,3 +171,13 @@ def test_every_prometheus_object_is_made_in_the_metrics_module() -> None:
         if "prometheus_client" in path.read_text()
     )
     assert importing == ["service/metrics.py"], importing
+
+
+async def test_each_batch_records_its_prepare_and_its_forward(running) -> None:
+    async with running() as (client, _):
+        before = (await client.get("/metrics")).text
+        answered = await client.post("/route", json=post("timed"))
+        after = (await client.get("/metrics")).text
+    assert answered.status_code == 200
+    for name in ("radar_prepare_duration_seconds_count", "radar_forward_duration_seconds_count"):
+        assert sample(after, name) == sample(before, name) + 1, name
