@@ -178,7 +178,6 @@ class DynamicBatcher:
         self._model_idle.set()
         self._post_cost_s: float | None = None  # batch cycle time per post, moving average
         self._forward_s: float | None = None  # forward time per post, moving average
-        self._prepare_s: float | None = None  # preparing time per post, moving average
         self._free_at = 0.0  # time.monotonic() when the model thread last finished a batch
         self._busy_until = 0.0  # expected end of the forward now running; 0.0: none running
         self._in_model = 0  # posts in the forward now running
@@ -344,13 +343,20 @@ class DynamicBatcher:
         return not (alone and self._solo_streak >= SOLO_BATCHES)
 
     def _close_at(self, batch: _Batch, wait: float) -> float:
-        """When to stop gathering `batch`: `wait` after its first post or, while the model
-        is busy, later: just in time to be prepared when the model is free. The posts that
-        arrive until then join it at no cost, instead of waiting a whole cycle more."""
+        """When to stop gathering `batch` (a full one stops at once, in `_gather`): `wait`
+        after its first post or, while the model is busy, `wait` after it is free, as a
+        serial batcher would. The callers the running batch answers send again within that
+        wait and fill this batch. Closing it earlier, to prepare it during the forward,
+        split 32 closed-loop callers into two batches of 16 for good: 40.5 posts/s against
+        LitServe's 58.6 (`benchmarks/serving_bench.py`, docs/performance.md). So only a full
+        batch is prepared while the model runs: at saturation, where full batches wait,
+        the overlap stays; below it, a fuller batch is worth more than the overlap.
+        """
         close = batch.started + wait
-        if self._busy_until > 0:
-            preparing = (self._prepare_s or 0.0) * len(batch.items)
-            close = max(close, self._busy_until - preparing)
+        if self._busy_until > 0:  # until it is free: `_next_post` wakes then, and this moves
+            return max(close, time.monotonic() + wait)
+        if self._free_at > batch.started:  # the model became free while this one gathered
+            return max(close, self._free_at + wait)
         return close
 
     async def _next_post(self, timeout: float) -> _Pending | None:
@@ -400,9 +406,7 @@ class DynamicBatcher:
         )
         if len(posts) != len(items):
             raise RuntimeError(f"{len(posts)} posts prepared for {len(items)}")
-        took = time.monotonic() - started
-        self._metrics.prepare_time.observe(took)
-        self._prepare_s = _average(self._prepare_s, took / len(items))
+        self._metrics.prepare_time.observe(time.monotonic() - started)
         return posts
 
     async def _forward(self, started: float, items: list[_Pending], posts: Sequence[Post]) -> None:

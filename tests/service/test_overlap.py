@@ -134,6 +134,37 @@ async def test_the_next_batch_is_prepared_while_the_model_runs(engine, threshold
     assert batcher._post_cost_s < 0.9 * (PREPARE_S + FORWARD_S) / BATCH
 
 
+async def test_a_batch_short_of_full_waits_for_the_callers_the_model_answers(
+    engine, thresholds_path
+) -> None:
+    """Closed-loop callers: while batch A runs, two posts queue; A's callers send again as
+    soon as they are answered. Prepared ahead, the two would have gone alone and split the
+    callers into two half batches for good; held until the model is free plus the wait,
+    they go with A's callers in one full batch."""
+    _, forwarded = _slow_down(engine)
+    active = load_thresholds(thresholds_path, engine.categories, engine.router.config.model_version)
+    batcher = DynamicBatcher(
+        lambda posts: engine.route(posts, active),
+        ServiceMetrics(),
+        prepare=engine.prepare,
+        max_batch_size=BATCH,
+        max_wait_s=0.1,
+        queue_size=4 * BATCH,
+    )
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        first = [batcher.submit(p, deadline) for p in _posts(BATCH // 2)]
+        await asyncio.sleep(0.1 + PREPARE_S + 0.05)  # gathered, prepared: in the model now
+        waiting = [batcher.submit(Post(title=f"waiting {i}"), deadline) for i in range(2)]
+        await asyncio.gather(*first)
+        again = [batcher.submit(Post(title=f"again {i}"), deadline) for i in range(2)]
+        await asyncio.gather(*waiting, *again)
+    finally:
+        await batcher.stop()
+    assert sorted(f[2].split("/")[1] for f in forwarded) == ["2", "4"], forwarded
+
+
 async def test_without_a_prepare_step_the_batcher_is_serial(engine, thresholds_path) -> None:
     """The control for the test above: inputs built on the model thread never overlap."""
     built, forwarded = _slow_down(engine)
