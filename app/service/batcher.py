@@ -42,9 +42,9 @@ two-stage pipeline: while batch n runs on the model thread, batch n + 1 is gathe
 prepared on a preparing thread, and handed to the model the moment it is free, so at
 saturation a batch leaves every max(prepare, forward). One batch is prepared ahead, no more:
 its posts are out of the queue, so deeper would only take posts from later batches early and
-answer them no sooner. While the model is busy, the batch being gathered stays open until
-just before the model will be free (`_close_at`): the posts that arrive meanwhile join it at
-no cost in latency, instead of waiting for the batch after. Everything the serial batcher
+answer them no sooner. Only a full batch is prepared ahead: one short of full stays open until
+the model is free plus the wait (`_close_at`), so the callers the model answers can join it
+(closed earlier, 32 callers settled into two half batches for good). Everything the serial batcher
 checked still holds: a batch whose callers all gave up or whose deadlines passed while it was
 prepared is not run, one whose callers partly did is prepared again without them (before
 the forward: nobody's forward pays for a caller who left), and the admission estimate is the
