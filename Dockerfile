@@ -22,11 +22,12 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" 
     "torch==${TORCH_VERSION}"
 # Dependencies before the code, so that editing app/ rebuilds only the last layers. A stub
 # package lets pip resolve pyproject.toml's dependencies without the source; the versions are
-# bounded there, not repeated here.
+# bounded there, not repeated here. `int8`: the ONNX Runtime the int8 store
+# (model_store/proxy-int8) is served with; it pulls no torch.
 COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013
 RUN mkdir app && touch app/__init__.py \
-    && pip install ".[encoders]" \
+    && pip install ".[encoders,int8]" \
     && pip uninstall --yes radar-router
 COPY app ./app
 # Then the tiny random router (1 MB) for smoke runs and the compose demo; never the default

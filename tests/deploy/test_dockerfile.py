@@ -61,7 +61,7 @@ def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     copies = [rest for keyword, rest in build if keyword == "COPY"]
     assert copies[0].startswith("pyproject.toml")
     assert copies[1].startswith("app ")
-    deps_at = next(i for i, (k, r) in enumerate(build) if k == "RUN" and ".[encoders]" in r)
+    deps_at = next(i for i, (k, r) in enumerate(build) if k == "RUN" and ".[encoders,int8]" in r)
     code_at = build.index(("COPY", copies[1]))
     torch_at = next(i for i, (k, r) in enumerate(build) if k == "RUN" and "torch==" in r)
     assert torch_at < deps_at < code_at
