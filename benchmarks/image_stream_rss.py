@@ -1,7 +1,7 @@
 """RSS and normal traffic under a stream of worst-case valid images (issue 13, item 3).
 
-Starts the real service (`python -m app.cli serve`, tiny random router) and runs two phases
-of the same normal traffic, one client sending text posts one after another:
+Starts the real service (`python -m app.cli serve`: a tiny random router, or `--model-dir`) and
+runs two phases of the same normal traffic, one client sending text posts one after another:
 
 - baseline: nothing else;
 - attacked: meanwhile `--attackers` clients each send, back to back, requests of 4 PNGs of
@@ -98,8 +98,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="per phase (20)")
     parser.add_argument("--attackers", type=int, default=4, help="clients sending images (4)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="serve this model store (default: a tiny random router)"
+    )
+    parser.add_argument("--thresholds", type=Path, help="its thresholds file (with --model-dir)")
     args = parser.parse_args()
-    with tiny_service() as (url, pid):
+    if (args.model_dir is None) != (args.thresholds is None):
+        parser.error("--model-dir and --thresholds go together")
+    model = None if args.model_dir is None else (args.model_dir, args.thresholds)
+    with tiny_service(model=model) as (url, pid):
         results = {
             "baseline": phase(url, pid, args.seconds, 0),
             "attacked": phase(url, pid, args.seconds, args.attackers),

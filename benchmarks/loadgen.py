@@ -287,23 +287,30 @@ def running(
 
 
 @contextlib.contextmanager
-def tiny_service(settings: Mapping[str, str] | None = None) -> Iterator[tuple[str, int]]:
+def tiny_service(
+    settings: Mapping[str, str] | None = None,
+    model: tuple[Path, Path] | None = None,
+) -> Iterator[tuple[str, int]]:
     """The real service on a loopback port, serving a tiny random router made for the block
-    (`make-tiny-model`), no decision log, one torch thread, plus `settings` (RADAR_*
-    variables); yields its URL and process id once ready, and stops it after."""
+    (`make-tiny-model`; or `model`, a model store and its thresholds file), no decision log,
+    one torch thread, plus `settings` (RADAR_* variables); yields its URL and process id
+    once ready, and stops it after."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "tiny"
-        subprocess.run(  # noqa: S603 - our own interpreter and arguments
-            [sys.executable, "-m", "app.cli", "make-tiny-model", str(store)], check=True, cwd=ROOT
-        )
+        store, thresholds = model or (Path(tmp) / "tiny", ROOT / "thresholds/tiny.yaml")
+        if model is None:
+            subprocess.run(  # noqa: S603 - our own interpreter and arguments
+                [sys.executable, "-m", "app.cli", "make-tiny-model", str(store)],
+                check=True,
+                cwd=ROOT,
+            )
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "RADAR_DECISION_LOG_PATH": "", "RADAR_TORCH_THREADS": "1"}
         env.update(settings or {})
         command = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
-        command += ["--model-dir", str(store), "--thresholds", str(ROOT / "thresholds/tiny.yaml")]
+        command += ["--model-dir", str(store), "--thresholds", str(thresholds)]
         with subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.DEVNULL) as server:  # noqa: S603
             try:
                 wait_ok(server, f"{url}/readyz", timeout_s=120)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
 from torch import nn
 
 from app.model.backbones import Backbone
@@ -91,6 +92,10 @@ class Router(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.mlp.parameters(), next(self.heads.parameters())).device
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """A decoded image reduced to what `build_inputs` reads of it (`Backbone.fit_image`)."""
+        return self.base_backbone.fit_image(image)
 
     def build_inputs(self, posts: Sequence[Post]) -> dict[str, torch.Tensor]:
         """CPU tensors for `posts` (the backbone's input builder, shared with training)."""

@@ -10,6 +10,7 @@ import binascii
 import io
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -111,6 +112,13 @@ class ImageLoader:
         self._fetcher = UrlFetcher(settings)
         self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         self.shared_pixels = SharedPixels(settings.max_inflight_pixels, settings.retry_after_s)
+        # Applied to each image right after its decode, on the decode pool: the model's
+        # `fit_image` once it is loaded (`fit_for_model`), so that resizing a large upload is
+        # this request's work, within its deadline, not its batch's on the preparing thread.
+        self._fit: Callable[[Image.Image], Image.Image] = _as_decoded
+
+    def fit_for_model(self, fit: Callable[[Image.Image], Image.Image]) -> None:
+        self._fit = fit
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
@@ -151,9 +159,10 @@ class ImageLoader:
             raise BadPostError(post_id, field, "image larger than the byte limit")
         spend = None if budget is None else partial(budget.spend, post_id, field)
         try:
-            return decode_rgb(io.BytesIO(raw), self.settings.max_image_pixels, before_decode=spend)
+            image = decode_rgb(io.BytesIO(raw), self.settings.max_image_pixels, before_decode=spend)
         except ImageDecodeError as exc:
             raise BadPostError(post_id, field, exc.problem) from None
+        return self._fit(image)
 
     async def fetch(self, post_id: str, field: str, url: str, budget: PixelBudget) -> Image.Image:
         """Fetch an image from an allowlisted host before the budget's deadline, then decode
@@ -166,3 +175,7 @@ class ImageLoader:
         return await loop.run_in_executor(
             self._pool, self.decode_bytes, post_id, field, raw, budget
         )
+
+
+def _as_decoded(image: Image.Image) -> Image.Image:
+    return image

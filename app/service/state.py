@@ -102,6 +102,7 @@ class ServiceState:
             log.error("%s", exc)
             raise
         engine = RouterEngine(router)
+        self.images.fit_for_model(router.fit_image)
         decision_log, quality = await self._start_decision_log(router.categories)
         version = router.config.model_version
         self.metrics.set_model(version)

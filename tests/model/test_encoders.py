@@ -16,6 +16,7 @@ from app.model.backbones import load_backbone
 from app.model.backbones.dual_encoder import (
     CPU_IMAGE_CHUNK,
     ImageEncoder,
+    letterbox,
     locate_image_weights,
     preprocess_image,
 )
@@ -116,6 +117,33 @@ def test_text_scores_do_not_depend_on_the_batch(text_config: RouterConfig, tmp_p
     alone = router.predict_proba([MEDIUM])
     batched = router.predict_proba([LONG, MEDIUM, SHORT])
     torch.testing.assert_close(batched[1:2], alone, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("size", "mode"), [((640, 480), "RGB"), ((31, 700), "RGBA"), ((5, 5), "L"), ((224, 224), "RGB")]
+)
+def test_letterboxing_at_decode_time_gives_the_same_inputs(size, mode) -> None:
+    """Serving letterboxes each image as soon as it is decoded (`fit_image`); the inputs
+    built from that are the very inputs built from the upload."""
+    rng = np.random.default_rng(sum(size))
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    upload = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+    fitted = letterbox(upload, 224)
+    assert fitted.size == (224, 224) and fitted.mode == "RGB"
+    assert torch.equal(preprocess_image(fitted, 224), preprocess_image(upload, 224))
+
+
+def test_a_dual_router_scores_a_fitted_image_as_the_upload(
+    dual_config: RouterConfig, tmp_path: Path
+) -> None:
+    router = _fresh_router(dual_config, tmp_path)
+    upload = Image.new("RGB", (900, 300), (200, 40, 90))
+    fitted = router.fit_image(upload)
+    assert fitted.size == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    as_uploaded = router.predict_proba([Post(title="t", images=(upload,))])
+    as_fitted = router.predict_proba([Post(title="t", images=(fitted,))])
+    assert torch.equal(as_uploaded, as_fitted)
 
 
 def test_dual_router_scores_posts_with_0_1_3_images(dual_config: RouterConfig, tmp_path: Path):

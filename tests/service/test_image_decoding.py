@@ -17,8 +17,10 @@ import time
 import pytest
 from PIL import Image
 
+from app.model.backbones.dual_encoder import letterbox
 from app.service.errors import ImagesBusyError
-from app.service.images import PixelBudget, SharedPixels
+from app.service.images import ImageLoader, PixelBudget, SharedPixels
+from app.service.settings import Settings
 from tests.service.conftest import post
 
 
@@ -178,6 +180,17 @@ async def test_no_image_is_decoded_after_the_deadline(running) -> None:
     assert deadline_rejections == 1
     # Decoding all 32 on one thread takes ~32 decodes; it stopped after a few.
     assert elapsed < 12 * one_decode, (elapsed, one_decode)
+
+
+def test_images_are_fitted_for_the_model_as_they_are_decoded() -> None:
+    """With the model's `fit_image` (the dual encoder's letterbox), a large upload leaves
+    the decode pool small: not resized later on the batch's preparing thread, nor held whole."""
+    loader = ImageLoader(Settings())
+    raw = _encode(Image.new("RGB", (3000, 2000), (9, 99, 199)), "PNG")
+    assert loader.decode_bytes("p", "images[0]", raw).size == (3000, 2000)
+    loader.fit_for_model(lambda image: letterbox(image, 224))
+    fitted = loader.decode_bytes("p", "images[0]", raw)
+    assert fitted.size == (224, 224) and fitted.mode == "RGB"
 
 
 def test_requests_in_progress_share_one_ceiling_of_decoded_pixels() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 import torch
+from PIL import Image
 from torch import nn
 
 from app.model.config import BackboneConfig
@@ -54,6 +55,14 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pooled vectors, shape `[batch, hidden_size]`, for inputs from `build_inputs`."""
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """What serving may do to a decoded image as soon as it is decoded (in the request's
+        decode pool, within its deadline) so that `build_inputs` later computes the same
+        inputs from it, more cheaply: by default nothing. A family that only ever looks at
+        a small version of an image returns that version, and a 25 M-pixel upload is not
+        resized on the batch's shared preparing path or held whole until its batch."""
+        return image
 
     def use_feature_cache(self, directory: Path | str | None) -> bool:
         """Cache the features of frozen parts on disk in `directory`; True if this family can.

@@ -74,14 +74,25 @@ _READ_ERRORS = (
 )
 
 
-def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
-    """An image as a `[3, size, size]` float32 tensor: letterboxed, scaled to about [-1, 1]."""
+def letterbox(image: Image.Image, size: int) -> Image.Image:
+    """The image in RGB, scaled to fit `size` x `size` and centred on a grey canvas.
+
+    Idempotent: a letterboxed image letterboxes to itself (Pillow returns a copy when asked
+    to resize to the size an image has), so serving can letterbox at decode time and
+    `preprocess_image` then computes the very inputs it would from the upload.
+    """
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     scale = size / max(rgb.size)
     width, height = max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))
     canvas = Image.new("RGB", (size, size), PAD_GREY)
     resized = rgb.resize((width, height), Image.Resampling.BICUBIC)
     canvas.paste(resized, ((size - width) // 2, (size - height) // 2))
+    return canvas
+
+
+def preprocess_image(image: Image.Image, size: int) -> torch.Tensor:
+    """An image as a `[3, size, size]` float32 tensor: letterboxed, scaled to about [-1, 1]."""
+    canvas = letterbox(image, size)
     pixels = (np.asarray(canvas, dtype=np.float32) - PIXEL_MEAN) / PIXEL_STD
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
@@ -349,6 +360,10 @@ class DualEncoderBackbone(Backbone):
             key_bytes = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1)
             inputs["pixel_cache_key"] = torch.from_numpy(key_bytes.copy())
         return inputs
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """The letterboxed image: all `build_inputs` reads of it (see `letterbox`)."""
+        return letterbox(image, self.config.image_size)
 
     def _digest(self, image: Image.Image, post: int, number: int) -> bytes:
         try:
