@@ -177,9 +177,7 @@ class DynamicBatcher:
         self._model_idle = asyncio.Event()
         self._model_idle.set()
         self._post_cost_s: float | None = None  # batch cycle time per post, moving average
-        self._forward_s: float | None = None  # forward time per post, moving average
         self._free_at = 0.0  # time.monotonic() when the model thread last finished a batch
-        self._busy_until = 0.0  # expected end of the forward now running; 0.0: none running
         self._in_model = 0  # posts in the forward now running
         self._staged = 0  # posts out of the queue, not in the model yet (gathered, prepared)
         self._reserved = 0  # admitted posts not queued yet (images decoding)
@@ -206,6 +204,11 @@ class DynamicBatcher:
                     await task
         self._preparer.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+
+    @property
+    def _model_busy(self) -> bool:
+        """A forward is running on the model thread."""
+        return not self._model_idle.is_set()
 
     @property
     def alive(self) -> bool:
@@ -353,7 +356,7 @@ class DynamicBatcher:
         the overlap stays; below it, a fuller batch is worth more than the overlap.
         """
         close = batch.started + wait
-        if self._busy_until > 0:  # until it is free: `_next_post` wakes then, and this moves
+        if self._model_busy:  # until it is free: `_next_post` wakes then, and this moves
             return max(close, time.monotonic() + wait)
         if self._free_at > batch.started:  # the model became free while this one gathered
             return max(close, self._free_at + wait)
@@ -364,7 +367,7 @@ class DynamicBatcher:
         is busy, as soon as it is free (the batch's closing time then moves up)."""
         getter = asyncio.ensure_future(self._queue.get())
         waiters: set[asyncio.Future[object]] = {getter}
-        if self._busy_until > 0:
+        if self._model_busy:
             waiters.add(asyncio.ensure_future(self._model_idle.wait()))
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -419,30 +422,26 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         begun = time.monotonic()
         self._in_model = len(items)
-        self._busy_until = begun + (self._forward_s or 0.0) * len(items)
         self._model_idle.clear()
         try:
             answered = await loop.run_in_executor(self._executor, self._run_wanted, items, posts)
             finished = time.monotonic()
-            self._account(started, begun, finished, len(items), len(answered))
+            self._account(started, begun, finished, len(answered))
             self._answer(items, answered)
         except Exception:  # the batcher must outlive any one batch
             log.exception("batch of %d posts failed outside the model", len(items))
             _fail(items)
         finally:
-            self._in_model, self._busy_until = 0, 0.0
+            self._in_model = 0
             self._free_at = max(self._free_at, time.monotonic())
             self._model_idle.set()
 
-    def _account(
-        self, started: float, begun: float, finished: float, run: int, answered: int
-    ) -> None:
-        """Record one forward (`begun` to `finished`, `run` posts) in the metric and the
-        estimates, the admission's one (`_update_cost`) from the batch's whole cycle."""
+    def _account(self, started: float, begun: float, finished: float, answered: int) -> None:
+        """Record one forward (`begun` to `finished`) in the metric, and the admission's
+        estimate (`_update_cost`) from the batch's whole cycle."""
         self._metrics.forward_time.observe(finished - begun)
         if not answered:
             return
-        self._forward_s = _average(self._forward_s, (finished - begun) / run)
         # Per post of the whole cycle, not of the forward alone: under CPU contention the
         # time around the forward is what the forward-only estimate missed. The cycle starts
         # when the model was free for this batch (the pipeline's rate: 1 / max(prepare,
@@ -512,11 +511,6 @@ def _fail(items: list[_Pending]) -> None:
 
 def _as_is(posts: Sequence[Post]) -> Sequence[Post]:
     return posts
-
-
-def _average(old: float | None, new: float) -> float:
-    """A moving average (weight `COST_EWMA` on the newest) of a time per post."""
-    return new if old is None else (1 - COST_EWMA) * old + COST_EWMA * new
 
 
 def _hand_back(item: _Pending, decision: Decision) -> None:
