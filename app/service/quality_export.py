@@ -38,11 +38,7 @@ class QualityGauges:
         self.categories = tuple(categories)
         self.version: str | None = None  # the thresholds version the gauges describe
         self._lock = threading.Lock()  # a refresh in its thread against a restart
-        self.recall = series.recall
-        self.precision = series.precision
-        self.verdicts = series.verdicts
-        self.recall_upper = series.recall_upper
-        self.shadow_recall = series.shadow_recall
+        self.series = series
         self._unknown()
 
     def restart(self, version: str) -> None:
@@ -54,12 +50,12 @@ class QualityGauges:
 
     def _unknown(self) -> None:
         for name in self.categories:
-            self.recall.labels(name).set(math.nan)
-            self.recall_upper.labels(name).set(math.nan)
-            self.shadow_recall.labels(name).set(math.nan)
-            self.precision.labels(name).set(math.nan)
+            self.series.recall.labels(name).set(math.nan)
+            self.series.recall_upper.labels(name).set(math.nan)
+            self.series.shadow_recall.labels(name).set(math.nan)
+            self.series.precision.labels(name).set(math.nan)
             for kind in ("dispatched", "audited"):
-                self.verdicts.labels(name, kind).set(0)
+                self.series.verdicts.labels(name, kind).set(0)
 
     def refresh(
         self,
@@ -85,14 +81,15 @@ class QualityGauges:
         self, found: Mapping[str, CategoryQuality], under: Mapping[str, CategoryQuality]
     ) -> None:
         for name, q in found.items():
-            self.recall.labels(name).set(_recall(q))
-            self.recall_upper.labels(name).set(_recall_upper(q))
-            self.precision.labels(name).set(math.nan if q.precision is None else q.precision)
-            self.verdicts.labels(name, "dispatched").set(q.n_dispatched_with_verdict)
-            self.verdicts.labels(name, "audited").set(q.n_audited_with_verdict)
+            self.series.recall.labels(name).set(_recall(q))
+            self.series.recall_upper.labels(name).set(_recall_upper(q))
+            self.series.precision.labels(name).set(math.nan if q.precision is None else q.precision)
+            self.series.verdicts.labels(name, "dispatched").set(q.n_dispatched_with_verdict)
+            self.series.verdicts.labels(name, "audited").set(q.n_audited_with_verdict)
         for name in self.categories:
             shadow = under.get(name)
-            self.shadow_recall.labels(name).set(math.nan if shadow is None else _recall(shadow))
+            recall = math.nan if shadow is None else _recall(shadow)
+            self.series.shadow_recall.labels(name).set(recall)
 
 
 def _recall(q: CategoryQuality) -> float:

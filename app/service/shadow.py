@@ -30,12 +30,7 @@ class ShadowThresholds:
     ) -> None:
         self.store = ThresholdsStore(path, categories, model_version, role="shadow")
         self.categories = tuple(categories)
-        self.posts = series.posts
-        self.auto_pass = series.auto_pass
-        self.decisions = series.decisions
-        self.info = series.info
-        self.threshold = series.threshold
-        self.reload_failures = series.reload_failures
+        self.series = series
 
     def reload(self) -> None:
         self._apply(self.store.reload())
@@ -49,11 +44,11 @@ class ShadowThresholds:
         if shadow is None or not scores:
             return
         dispatch = set(shadow.dispatch(scores))
-        self.posts.inc()
+        self.series.posts.inc()
         if not dispatch:
-            self.auto_pass.inc()
+            self.series.auto_pass.inc()
         for name in self.categories:
-            self.decisions.labels(name, "dispatch" if name in dispatch else "pass").inc()
+            self.series.decisions.labels(name, "dispatch" if name in dispatch else "pass").inc()
 
     def _apply(self, result: ReloadResult | None) -> None:
         if result is None:
@@ -63,13 +58,13 @@ class ShadowThresholds:
             if self.store.active is not None:
                 log.info("shadow thresholds %s withdrawn", self.store.active.version)
             self.store.active = None
-            self.info.clear()
-            self.threshold.clear()  # no stale taus on the dashboard once the shadow ends
+            self.series.info.clear()
+            self.series.threshold.clear()  # no stale taus on the dashboard once the shadow ends
             return
         if result.status == "refused" and result.reason is not None:
-            self.reload_failures.labels(result.reason).inc()
+            self.series.reload_failures.labels(result.reason).inc()
         if result.active is not None:
-            self.info.clear()
-            self.info.labels(result.active.version).set(1)
+            self.series.info.clear()
+            self.series.info.labels(result.active.version).set(1)
             for name, tau in result.active.taus.items():
-                self.threshold.labels(name).set(tau)
+                self.series.threshold.labels(name).set(tau)
