@@ -138,12 +138,13 @@ def _side(loaded: Loaded, reference: Reference | None) -> dict[str, Any]:
 def diff(a: Loaded, b: Loaded, reference: Reference | None = None) -> dict[str, Any]:
     """Per category τ and expected auto-pass rate in A and in B; `refusal`s against `reference`."""
     names = [*a.file.categories, *(n for n in b.file.categories if n not in a.file.categories)]
+    sides = {"A": _side(a, reference), "B": _side(b, reference)}
     rows = []
-    edited_a = edited_since_calibration(a.file) or []
-    edited_b = edited_since_calibration(b.file) or []
     for name in names:
         ca, cb = a.file.categories.get(name), b.file.categories.get(name)
-        stale = [side for side, edited in (("A", edited_a), ("B", edited_b)) if name in edited]
+        stale = [
+            key for key, side in sides.items() if name in (side["edited_since_calibration"] or ())
+        ]
         rows.append(
             {
                 "category": name,
@@ -157,8 +158,8 @@ def diff(a: Loaded, b: Loaded, reference: Reference | None = None) -> dict[str, 
             }
         )
     return {
-        "a": _side(a, reference),
-        "b": _side(b, reference),
+        "a": sides["A"],
+        "b": sides["B"],
         "same_content": a.digest == b.digest,
         "categories": rows,
     }
