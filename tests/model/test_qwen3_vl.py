@@ -3,8 +3,10 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from app.model.backbones.qwen3_vl import IMAGE_TOKEN, Qwen3VLBackbone
 from app.model.errors import InputError, ModelStoreError
@@ -179,3 +181,33 @@ def test_tiny_router_is_deterministic(tmp_path: Path) -> None:
     for name in files:
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "head.safetensors").read_bytes() != (other / "head.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("size", "mode", "shrinks"),
+    [
+        ((640, 480), "RGB", True),
+        ((300, 200), "L", True),
+        ((40, 40), "RGB", True),  # rounded down to 32 x 32, the processor's grid
+        ((64, 64), "P", False),  # already on the grid
+        ((20, 20), "RGB", False),  # the processor enlarges it: left to the processor
+        ((700, 31), "RGBA", False),  # its fitted size (32 x 288) would be shrunk again
+    ],
+)
+def test_an_image_fitted_at_decode_time_gives_the_same_inputs(
+    backbone: Qwen3VLBackbone, size: tuple[int, int], mode: str, shrinks: bool
+) -> None:
+    """Serving resizes each image to what the processor makes of it as soon as it is decoded
+    (`fit_image`, on the decode pool); the inputs built from that are the upload's, to the bit."""
+    rng = np.random.default_rng(sum(size))
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    upload = Image.fromarray(pixels, "RGBA").convert(mode)
+    fitted = backbone.fit_image(upload)
+    assert (fitted is not upload) == shrinks
+    if shrinks:
+        assert fitted.mode == "RGB" and fitted.size[0] * fitted.size[1] < size[0] * size[1]
+    from_upload = backbone.build_inputs([Post(title="t", images=(upload,))])
+    from_fitted = backbone.build_inputs([Post(title="t", images=(fitted,))])
+    assert from_upload.keys() == from_fitted.keys()
+    for key, value in from_upload.items():
+        assert torch.equal(value, from_fitted[key]), key

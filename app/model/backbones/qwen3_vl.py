@@ -21,6 +21,11 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen3VLModel,
 )
+from transformers.image_transforms import convert_to_rgb
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+    smart_resize,
+)
 
 from app.model.backbones.base import Backbone
 from app.model.config import BackboneConfig, resolve_path
@@ -129,6 +134,46 @@ class Qwen3VLBackbone(Backbone):
         # Right padding: the last real token is at attention_mask.sum - 1, whatever the pad id.
         last = inputs["attention_mask"].sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """The image in RGB at the size the image processor resizes it to (`smart_resize`, its
+        resampling filter): all `build_inputs` reads of it.
+
+        The processor's own resize of the result is then a same-size PIL resize, which PIL
+        returns unchanged, so the inputs are the very same as from the upload
+        (`tests/model/test_qwen3_vl.py`). An image the processor would keep or enlarge, or
+        whose fitted size the processor would move again, is returned as it is; so is any
+        image for a processor other than the PIL one this holds for.
+        """
+        processor = self.image_processor
+        if not (
+            isinstance(processor, Qwen2VLImageProcessorPil)
+            and processor.do_resize
+            and processor.do_convert_rgb
+        ):
+            return image
+        width, height = image.size
+        target = self._processor_size(height, width)
+        if target is None or target[0] * target[1] >= height * width:
+            return image
+        if self._processor_size(*target) != target:
+            return image
+        rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
+        return rgb.resize((target[1], target[0]), resample=processor.resample)
+
+    def _processor_size(self, height: int, width: int) -> tuple[int, int] | None:
+        """(height, width) the image processor resizes an image to; None where it refuses."""
+        processor = self.image_processor
+        try:
+            return smart_resize(
+                height,
+                width,
+                factor=processor.patch_size * processor.merge_size,
+                min_pixels=processor.size.shortest_edge,
+                max_pixels=processor.size.longest_edge,
+            )
+        except (ValueError, ZeroDivisionError):  # aspect ratio over 200: build_inputs says so
+            return None
 
     def prompt_parts(self, n_images: int) -> tuple[str, str]:
         """The rendered chat template before and after the post text, for `n_images` images."""
