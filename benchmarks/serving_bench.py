@@ -12,6 +12,12 @@ Usage:
         --thresholds thresholds/tiny.yaml
     python benchmarks/serving_bench.py --images 1 --seconds 10 --json out.json --markdown out.md
     python benchmarks/serving_bench.py --litserve none        # RADAR only (no `bench` extra)
+    python benchmarks/serving_bench.py --int8-model-dir model_store/proxy-int8 \
+        --int8-thresholds thresholds/proxy-int8.yaml --images 0 2 --litserve manager
+
+The last form is the side-by-side run (issue 15, item 3): for each `--images` count, the
+in-process ceilings of both stores, RADAR on each, and LitServe on the int8 one, with each goal
+marked met or not.
 """
 
 import argparse
@@ -123,6 +129,7 @@ async def sweep(
 def radar_server(
     args: argparse.Namespace, max_batch: int, workdir: Path
 ) -> tuple[loadgen.Server, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
     port = loadgen.free_port()
     env = {
         "RADAR_MAX_BATCH_SIZE": str(max_batch),
@@ -132,6 +139,8 @@ def radar_server(
         "RADAR_DEADLINE_MS": "120000",
         "RADAR_LOG_LEVEL": "warning",
         "RADAR_THRESHOLDS_POLL_S": "3600",
+        # No load balancer to drain from: stop at once rather than serve 5 more seconds.
+        "RADAR_SHUTDOWN_GRACE_S": "0",
         **dict(kv.split("=", 1) for kv in args.server_env),
     }
     argv = ["--port", str(port), "--model-dir", str(args.model_dir)]
@@ -161,6 +170,7 @@ async def run_litserve(
     command += ["--max-wait-ms", str(args.max_wait_ms), "--timeout-s", "120"]
     if queue == "zmq":
         command.append("--fast-queue")
+    workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"litserve-{queue}.log"
     log = log_path.open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # noqa: S603
@@ -192,7 +202,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model-dir", type=Path, default=loadgen.ROOT / "model_store/proxy")
     p.add_argument("--thresholds", type=Path, default=loadgen.ROOT / "thresholds/proxy.yaml")
-    p.add_argument("--images", type=int, default=0, help="JPEGs per post (default 0)")
+    p.add_argument(
+        "--images",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="JPEGs per post (default 0); several counts only with --int8-model-dir",
+    )
     p.add_argument("--words", type=int, default=48, help="OCR words per post (default 48)")
     p.add_argument("--seconds", type=float, default=15.0, help="per measurement (default 15)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128])
@@ -208,25 +224,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="repeat everything; report medians")
     p.add_argument("--no-batch1", action="store_true", help="skip the batch-1 RADAR service")
     p.add_argument("--server-env", action="append", default=[], metavar="K=V", help="RADAR env")
+    p.add_argument(
+        "--int8-model-dir",
+        type=Path,
+        help="side by side: also serve this (int8) store; LitServe then serves it",
+    )
+    p.add_argument("--int8-thresholds", type=Path, help="its thresholds (with --int8-model-dir)")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--markdown", type=Path, help="write the tables (with goals) here")
     args = p.parse_args(argv)
+    if (args.int8_model_dir is None) != (args.int8_thresholds is None):
+        p.error("--int8-model-dir and --int8-thresholds go together")
+    if args.int8_model_dir is None and len(args.images) > 1:
+        p.error("several --images counts need --int8-model-dir (the side-by-side run)")
     # The servers run from the repository root: hand them absolute paths.
     args.model_dir, args.thresholds = args.model_dir.resolve(), args.thresholds.resolve()
+    if args.int8_model_dir is not None:
+        args.int8_model_dir = args.int8_model_dir.resolve()
+        args.int8_thresholds = args.int8_thresholds.resolve()
     return args
+
+
+def _litserve_queues(args: argparse.Namespace) -> list[str]:
+    queues = {"none": [], "both": ["manager", "zmq"]}.get(args.litserve, [args.litserve])
+    if queues and not _litserve_installed():
+        print("litserve is not installed (pip install -e '.[bench]'): no LitServe baseline")
+        return []
+    return queues
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """`--rounds` rounds of every measurement, servers restarted each round; the tables use
     the median of the rounds (this machine's noise between runs is larger than the effects)."""
     workdir = Path(tempfile.mkdtemp(prefix="radar-serving-"))
-    posts = bodies(64, args.images, args.words)
+    posts = bodies(64, args.images[0], args.words)
     bodies_file = workdir / "bodies.json"
     bodies_file.write_text(json.dumps([b.decode() for b in posts]))
-    queues = {"none": [], "both": ["manager", "zmq"]}.get(args.litserve, [args.litserve])
-    if queues and not _litserve_installed():
-        print("litserve is not installed (pip install -e '.[bench]'): no LitServe baseline")
-        queues = []
+    queues = _litserve_queues(args)
     forwards: list[dict[str, Any]] = []
     sweeps: list[dict[str, Any]] = []
     for round_ in range(1, args.rounds + 1):
@@ -248,14 +282,66 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _with_store(args: argparse.Namespace, model_dir: Path, thresholds: Path) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "model_dir": model_dir, "thresholds": thresholds})
+
+
+def _tagged(rows: list[dict[str, Any]], **tags: Any) -> list[dict[str, Any]]:
+    return [{**row, **tags} for row in rows]
+
+
+async def run_side_by_side(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue 15, item 3 in one run: per image count, both stores' in-process ceilings, RADAR on
+    each store, LitServe on the int8 one; servers restarted for every sweep, each sweep on the
+    same posts, `--rounds` times (medians)."""
+    workdir = Path(tempfile.mkdtemp(prefix="radar-side-by-side-"))
+    stores = {
+        "fp32": (args.model_dir, args.thresholds),
+        "int8": (args.int8_model_dir, args.int8_thresholds),
+    }
+    queues = _litserve_queues(args)
+    forwards: list[dict[str, Any]] = []
+    sweeps: list[dict[str, Any]] = []
+    for round_ in range(1, args.rounds + 1):
+        for images in args.images:
+            posts = bodies(64, images, args.words)
+            bodies_file = workdir / f"bodies-{images}.json"
+            bodies_file.write_text(json.dumps([b.decode() for b in posts]))
+            for precision, (model_dir, thresholds) in stores.items():
+                store_args = _with_store(args, model_dir, thresholds)
+                print(f"round {round_}: {images} image(s), {precision} in process ...", flush=True)
+                measured = inprocess(store_args, bodies_file)
+                tags = {"precision": precision, "images": images, "round": round_}
+                forwards += _tagged(measured["forward"], **tags)
+                logs = workdir / f"round{round_}-{precision}-{images}img"
+                rows = await run_radar(store_args, args.max_batch_size, posts, logs)
+                sweeps += _tagged(rows, **tags, server=f"radar {precision}")
+            int8_args = _with_store(args, *stores["int8"])
+            for queue in queues:
+                logs = workdir / f"round{round_}-litserve-{images}img"
+                rows = await run_litserve(int8_args, queue, posts, logs)
+                tags = {"precision": "int8", "images": images, "round": round_}
+                sweeps += _tagged(rows, **tags, server=f"litserve ({queue}) int8")
+    return {
+        "inprocess": serving_report.medians(forwards, ["precision", "images", "batch"]),
+        "sweeps": serving_report.medians(sweeps, ["server", "images", "concurrency"]),
+        "rounds": {"forward": forwards, "sweeps": sweeps},
+        "logs": str(workdir),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    result = asyncio.run(run(args))
+    side_by_side = args.int8_model_dir is not None
+    result = asyncio.run(run_side_by_side(args) if side_by_side else run(args))
     result["settings"] = {k: str(v) for k, v in vars(args).items()}
     result["machine"] = {"cpus": os.cpu_count(), "load_average_end": os.getloadavg()}
     result["wall_s"] = round(time.monotonic() - started, 1)
-    markdown = serving_report.markdown(result, args.max_batch_size, args.max_wait_ms)
+    if side_by_side:
+        markdown = serving_report.side_by_side(result, args.max_batch_size)
+    else:
+        markdown = serving_report.markdown(result, args.max_batch_size, args.max_wait_ms)
     print(markdown)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -48,6 +48,10 @@ def sweep_line(row: Row) -> str:
     )
 
 
+def _latencies(row: Row) -> str:
+    return f"{row['p50_ms']:.0f} / {row['p99_ms']:.0f}"
+
+
 def _verdict(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
@@ -184,4 +188,115 @@ def _latency_goals(
             f"| saturation (c={top}): mean batch ≥ 0.8 × {max_batch} | {0.8 * max_batch:.1f} "
             f"| {mean_batch:.1f} | {_verdict(mean_batch >= 0.8 * max_batch)} |"
         )
+    return lines
+
+
+# Issue 15, item 3's goals, and the figures they are measured against.
+INT8_OVER_FP32_GOAL = 2.5
+HTTP_OVER_CEILING_GOAL = 0.9
+IMAGES_BEFORE, IMAGE_POSTS_BEFORE = 2, 13.0  # posts/s through /route when item 0 was filed
+IMAGE_POSTS_GOAL = 3.0
+
+
+def side_by_side(result: dict[str, Any], max_batch: int) -> str:
+    """The side-by-side run's tables (`serving_bench.py --int8-model-dir ...`), one section per
+    image count, each goal of issue 15's items 0 and 3 marked met or not."""
+    images_counts = sorted({row["images"] for row in result["sweeps"]})
+    rounds = result["sweeps"][0].get("rounds", 1)
+    lines = [
+        f"Figures are medians of {rounds} round(s), servers restarted for every sweep; posts/s "
+        "ranges over the rounds in parentheses. Saturation: the highest posts/s of the sweep.",
+    ]
+    for images in images_counts:
+        lines += _side_by_side_section(result, images, max_batch)
+    return "\n".join(lines) + "\n"
+
+
+def _side_by_side_section(result: dict[str, Any], images: int, max_batch: int) -> list[str]:
+    ceilings = {
+        (row["precision"], row["batch"]): row
+        for row in result["inprocess"]
+        if row["images"] == images
+    }
+    servers: dict[str, dict[int, Row]] = {}
+    for row in result["sweeps"]:
+        if row["images"] == images:
+            servers.setdefault(row["server"], {})[row["concurrency"]] = row
+    fp32, int8 = servers.get("radar fp32", {}), servers.get("radar int8", {})
+    litserves = {name: rows for name, rows in servers.items() if name.startswith("litserve")}
+    kind = "text posts" if images == 0 else f"posts with {images} image(s)"
+    lines = ["", f"**{kind.capitalize()}**", ""]
+    lines += [
+        "In-process ceilings (`RouterEngine.route`: prepare + forward, one after the other): "
+        + "; ".join(
+            f"{precision} batch {batch} {row['forward_ms']:.1f} ms = {_rate(row)} posts/s"
+            for (precision, batch), row in sorted(ceilings.items())
+        )
+        + ".",
+        "",
+    ]
+    header = "| concurrency | RADAR fp32 posts/s | p50 / p99 ms | RADAR int8 posts/s | p50 / p99 ms"
+    rule = "|---|---|---|---|---"
+    for name in litserves:
+        header += f" | {name} posts/s | p50 / p99 ms | RADAR int8 ahead, p99 ≤"
+        rule += "|---|---|---"
+    lines += [header + " |", rule + "|"]
+    ahead: list[bool] = []
+    for c in sorted(int8 or fp32):
+        cells = [str(c)]
+        for rows in (fp32, int8):
+            row = rows.get(c)
+            cells += [_rate(row), _latencies(row)] if row else ["–"] * 2
+        for rows in litserves.values():
+            theirs, ours = rows.get(c), int8.get(c)
+            if theirs is None or ours is None:
+                cells += ["–"] * 3
+                continue
+            ok = ours["posts_per_s"] >= theirs["posts_per_s"] and ours["p99_ms"] <= theirs["p99_ms"]
+            ahead.append(ok)
+            cells += [_rate(theirs), _latencies(theirs)]
+            cells.append(_verdict(ok))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| goal | measured | verdict |", "|---|---|---|"]
+    top_fp32 = max((r["posts_per_s"] for r in fp32.values()), default=None)
+    top_int8 = max((r["posts_per_s"] for r in int8.values()), default=None)
+    if top_fp32 and top_int8:
+        ratio = top_int8 / top_fp32
+        lines.append(
+            f"| int8 `/route` ≥ {INT8_OVER_FP32_GOAL}× fp32 `/route` at saturation | "
+            f"{top_int8:.1f} / {top_fp32:.1f} = {ratio:.2f}× | "
+            f"{_verdict(ratio >= INT8_OVER_FP32_GOAL)} |"
+        )
+    ceiling = ceilings.get(("int8", max_batch))
+    if top_int8 and ceiling:
+        ratio = top_int8 / ceiling["posts_per_s"]
+        lines.append(
+            f"| int8 `/route` ≥ {HTTP_OVER_CEILING_GOAL}× the int8 in-process ceiling (batch "
+            f"{max_batch}) | {top_int8:.1f} / {ceiling['posts_per_s']:.1f} = {ratio:.2f}× | "
+            f"{_verdict(ratio >= HTTP_OVER_CEILING_GOAL)} |"
+        )
+    if ahead:
+        lines.append(
+            f"| RADAR int8 ahead of LitServe (int8) at every concurrency, p99 equal or better | "
+            f"{sum(ahead)} of {len(ahead)} | {_verdict(all(ahead))} |"
+        )
+    for precision in ("fp32", "int8"):
+        one, batch = ceilings.get((precision, 1)), ceilings.get((precision, max_batch))
+        if one and batch:
+            ok = batch["posts_per_s"] >= one["posts_per_s"]
+            lines.append(
+                f"| {precision}: a batch of {max_batch} no slower per post than one post "
+                f"(in process) | {batch['posts_per_s']:.1f} vs {one['posts_per_s']:.1f} "
+                f"posts/s | {_verdict(ok)} |"
+            )
+    if images == IMAGES_BEFORE and top_fp32:
+        for precision, top in (("fp32", top_fp32), ("int8", top_int8)):
+            if top is None:
+                continue
+            goal = IMAGE_POSTS_GOAL * IMAGE_POSTS_BEFORE
+            lines.append(
+                f"| {precision}: image posts ≥ {IMAGE_POSTS_GOAL:g}× the {IMAGE_POSTS_BEFORE:g} "
+                f"posts/s `/route` gave when issue 15 was filed | "
+                f"{top:.1f} posts/s = {top / IMAGE_POSTS_BEFORE:.2f}× | {_verdict(top >= goal)} |"
+            )
     return lines

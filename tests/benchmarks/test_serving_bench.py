@@ -59,3 +59,35 @@ def test_serving_bench_small_run(tiny_store: Path, tmp_path: Path) -> None:
     if "litserve" in " ".join(servers):
         assert "3. Against LitServe" in text
     assert text.count("**met**") + text.count("**not met**") >= 4
+
+
+def test_side_by_side_run_marks_each_goal(tiny_store: Path, tmp_path: Path) -> None:
+    """Issue 15, item 3's one run: per image count, both stores in process and through
+    `/route` (the tiny store stands in for both precisions here), every goal marked."""
+    out, markdown = tmp_path / "side.json", tmp_path / "side.md"
+    thresholds = str(ROOT / "thresholds/tiny.yaml")
+    args = ["--model-dir", str(tiny_store), "--thresholds", thresholds]
+    args += ["--int8-model-dir", str(tiny_store), "--int8-thresholds", thresholds]
+    args += ["--images", "0", "2", "--seconds", "0.5", "--concurrency", "2"]
+    args += ["--max-batch-size", "2", "--litserve", "none"]
+    args += ["--json", str(out), "--markdown", str(markdown)]
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=400
+    )
+    print(result.stdout[-4000:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    ceilings = {(r["precision"], r["images"], r["batch"]) for r in report["inprocess"]}
+    assert ceilings == {(p, i, b) for p in ("fp32", "int8") for i in (0, 2) for b in (1, 2)}
+    sweeps = {(r["server"], r["images"], r["concurrency"]): r for r in report["sweeps"]}
+    assert set(sweeps) == {(f"radar {p}", i, 2) for p in ("fp32", "int8") for i in (0, 2)}
+    for row in sweeps.values():
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert 1 <= row["mean_batch"] <= 2
+
+    text = markdown.read_text()
+    assert "**Text posts**" in text and "**Posts with 2 image(s)**" in text
+    for goal in ("int8 `/route` ≥ 2.5× fp32", "× the int8 in-process ceiling", "image posts ≥ 3×"):
+        assert goal in text
+    assert text.count("**met**") + text.count("**not met**") >= 9
