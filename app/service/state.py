@@ -252,7 +252,9 @@ class ServiceState:
         large requests wait for the check after the body). Not ready yet: let it through,
         the route answers 503 with the reason."""
         if self.running is not None and self.not_ready_reason is None:
-            self.running.batcher.admit(1, self.deadline(arrived), pending=in_flight, claims=False)
+            self.running.batcher.admission.admit(
+                1, self.deadline(arrived), pending=in_flight, claims=False
+            )
 
     def refresh_readiness(self) -> None:
         running = self.running

@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from app.service.batcher import ADMIT_SHARE, FINISH_SHARE
+from app.service.admission_policy import ADMIT_SHARE, FINISH_SHARE
 from tests.service.conftest import post
 from tests.service.test_batching import block_model_thread, sample
 
@@ -19,7 +19,7 @@ async def test_overload_is_refused_before_the_body_is_read(running) -> None:
 
     async with running(deadline_ms=1000) as (client, state):
         # As if each post took 0.2 s of model time with 10 posts queued: 2 s > 0.3 x 1 s.
-        state.running.batcher._post_cost_s = 0.2
+        state.running.batcher.admission.post_cost_s = 0.2
         state.running.batcher._in_model = 10
         refused = await client.post("/route", content=body(), headers=JSON)
         health = await client.get("/healthz")
@@ -40,9 +40,9 @@ async def test_a_batch_is_admitted_by_its_post_count(running) -> None:
         # One post in the model, 0.04 s per post: the wait ahead of any request is 0.04 s
         # (< 0.3 of 1 s); with its own posts, ten finish by 0.44 s (< 0.8 of 1 s: admitted),
         # twenty-five by 1.04 s (refused).
-        state.running.batcher._post_cost_s, state.running.batcher._in_model = 0.04, 1
+        state.running.batcher.admission.post_cost_s, state.running.batcher._in_model = 0.04, 1
         ten = await client.post("/route/batch", json={"posts": [post(f"a{i}") for i in range(10)]})
-        state.running.batcher._post_cost_s, state.running.batcher._in_model = 0.04, 1
+        state.running.batcher.admission.post_cost_s, state.running.batcher._in_model = 0.04, 1
         many = {"posts": [post(f"b{i}") for i in range(25)]}
         refused = await client.post("/route/batch", json=many)
     assert ten.status_code == 200
@@ -52,19 +52,21 @@ async def test_a_batch_is_admitted_by_its_post_count(running) -> None:
 
 async def test_an_idle_router_admits_whatever_its_estimate(running) -> None:
     async with running(deadline_ms=1000) as (client, state):
-        state.running.batcher._post_cost_s = 5.0  # one pathological batch (a stall) set this
+        # One pathological batch (a stall) set this:
+        state.running.batcher.admission.post_cost_s = 5.0
         response = await client.post("/route/batch", json={"posts": [post("a"), post("b")]})
-        cost = state.running.batcher._post_cost_s
+        cost = state.running.batcher.admission.post_cost_s
     assert response.status_code == 200  # nothing ahead: nothing to wait for
     assert cost < 5.0  # and the estimate recovers with every batch
 
 
 async def test_the_estimate_follows_measured_batches(running) -> None:
     async with running() as (client, state):
-        assert state.running.batcher.expected_wait_s() == 0.0  # nothing measured: no refusal
+        # Nothing measured: no refusal.
+        assert state.running.batcher.admission.expected_wait_s() == 0.0
         for i in range(3):
             await client.post("/route", json=post(f"m{i}"))
-        cost = state.running.batcher._post_cost_s
+        cost = state.running.batcher.admission.post_cost_s
     assert cost is not None and 0 < cost < 1.0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text as sql
 
-from app.service.batcher import CLAIM_RETRIES, FINISH_SHARE
+from app.service.admission_policy import CLAIM_RETRIES, FINISH_SHARE
 from app.service.errors import OverloadedError
 from tests.logs import reading
 from tests.service.conftest import post
@@ -31,8 +31,8 @@ def pin_cost(state: Any, cost_s: float) -> None:
     """Hold the admission's cost estimate at `cost_s` a post (above the slow router's real
     cost, so the queue drains faster than admission assumes): on a shared 2-CPU machine the
     measured cost swings 8-17 ms a post from run to run, and these tests are about the rule."""
-    state.running.batcher._post_cost_s = cost_s
-    state.running.batcher._update_cost = lambda cost: None
+    state.running.batcher.admission.post_cost_s = cost_s
+    state.running.batcher.admission.record_cycle = lambda per_post_s: None
 
 
 def slow_router(state: Any, per_post_s: float = PER_POST_S) -> list[int]:
@@ -138,38 +138,39 @@ def test_the_arithmetic_the_tests_rely_on() -> None:
 async def test_a_refused_batch_keeps_its_room_until_its_retry(running) -> None:
     async with running(deadline_ms=1000) as (_, state):
         batcher = state.running.batcher
-        batcher._post_cost_s, batcher._in_model = 0.01, 29  # 29 posts ahead, 10 ms each
+        batcher.admission.post_cost_s, batcher._in_model = 0.01, 29  # 29 posts ahead, 10 ms each
 
         def soon() -> float:  # a fresh 1 s deadline for each check
             return time.monotonic() + 1.0
 
-        batcher.admit(1, soon())  # a single post: 0.29 s of wait (< 0.3 s), admitted
+        batcher.admission.admit(1, soon())  # a single post: 0.29 s of wait (< 0.3 s), admitted
         with pytest.raises(OverloadedError):
-            batcher.admit(B_POSTS, soon())  # 0.93 s to finish > 0.8 s: refused, room kept
-        assert batcher.claimed_posts() == B_POSTS
+            batcher.admission.admit(B_POSTS, soon())  # 0.93 s to finish > 0.8 s: refused, room kept
+        assert batcher.admission.claimed_posts() == B_POSTS
         gauge = sample(text_of(state), "radar_admission_claimed_posts")
         with pytest.raises(OverloadedError):
-            batcher.admit(1, soon())  # 29 + 1 + 64 claimed posts: 0.94 s > 0.8 s
+            batcher.admission.admit(1, soon())  # 29 + 1 + 64 claimed posts: 0.94 s > 0.8 s
         batcher._in_model = 15  # drained to what the batch needs
         with pytest.raises(OverloadedError):
-            batcher.admit(1, soon())  # 15 + 1 + 64: 0.80 s, still not
-        batcher.admit(B_POSTS, soon())  # the batch's retry: 15 + 64 fits, and its claim goes
-        assert batcher.claimed_posts() == 0
-        batcher.admit(1, soon())
+            batcher.admission.admit(1, soon())  # 15 + 1 + 64: 0.80 s, still not
+        # The batch's retry: 15 + 64 fits, and its claim goes.
+        batcher.admission.admit(B_POSTS, soon())
+        assert batcher.admission.claimed_posts() == 0
+        batcher.admission.admit(1, soon())
         # A request that could not finish even in an empty queue claims nothing.
         with pytest.raises(OverloadedError):
-            batcher.admit(90, soon())
-        assert batcher.claimed_posts() == 0
+            batcher.admission.admit(90, soon())
+        assert batcher.admission.claimed_posts() == 0
         # A claim whose caller never came back lapses after CLAIM_RETRIES x Retry-After.
         with pytest.raises(OverloadedError):
-            batcher.admit(B_POSTS, time.monotonic() + 0.9)  # 0.79 s > 0.72 s
-        lapses = batcher._claims[B_POSTS] - time.monotonic()
+            batcher.admission.admit(B_POSTS, time.monotonic() + 0.9)  # 0.79 s > 0.72 s
+        lapses = batcher.admission._claims[B_POSTS] - time.monotonic()
         assert CLAIM_RETRIES * state.settings.retry_after_s - 0.1 < lapses
-        batcher._claims[B_POSTS] = time.monotonic() - 1e-3  # as if that time had passed
-        assert batcher.claimed_posts() == 0
+        batcher.admission._claims[B_POSTS] = time.monotonic() - 1e-3  # as if that time had passed
+        assert batcher.admission.claimed_posts() == 0
         # The middleware's check before the body (size unknown) never counts claims.
-        batcher._claims[B_POSTS] = time.monotonic() + 10
-        batcher.admit(1, soon(), pending=0, claims=False)
+        batcher.admission._claims[B_POSTS] = time.monotonic() + 10
+        batcher.admission.admit(1, soon(), pending=0, claims=False)
     assert gauge == B_POSTS
 
 
