@@ -6,29 +6,9 @@ lone post at low load, see `SOLO_BATCHES`), drops posts whose
 caller has gone (cancelled future) or whose deadline has passed, and runs the batch on a
 single worker thread that owns the device, so the event loop never blocks on the model.
 
-Admission: a bounded queue alone does not keep answers in time. When the queue holds more
-than the model can clear before the callers' deadline, every queued post expires and the
-goodput collapses (each answer a 504 after the whole deadline). `admit` refuses a request at
-once (503 + Retry-After), from the measured batch cycle time per post, when the wait before
-its first post reaches the model would take more than `ADMIT_SHARE` of its remaining time,
-or the wait plus its own posts more than `FINISH_SHARE`.
-
-Fairness between requests of different sizes (issue 14, item 6). The wait and the request's
-own posts are weighed apart: weighing a 64-post batch's own model time against
-`ADMIT_SHARE` (64 x 19 ms = 1.2 s > 0.3 x 2 s on CPU) refused it whenever anything at all
-was queued, so a caller of batches got 503 after 503 while a caller of single posts kept
-routing. And under overload, small requests fill every gap a large one could use: a single
-post needs the queue to hold at most 0.3 of a deadline's work, a 64-post batch needs it far
-shorter. So a large request refused for capacity leaves a *claim* on its size for
-`CLAIM_RETRIES` Retry-After periods: smaller requests are then admitted only while the
-queue stays short enough for the largest claim to fit beside them (`FINISH_SHARE`), so it
-drains to what the large request needs and its retry gets in. We chose this over splitting
-a request (an answer is all or nothing: a half-admitted batch is work thrown away) and over
-round-robin in the queue (it orders posts already admitted; the starvation is at the door).
-It keeps the overload protection: a claim only ever makes admission stricter, it holds one
-size per entry (bounded by `RADAR_MAX_POSTS_PER_REQUEST`), it lapses by itself, and a request
-that could not finish in time even in an empty queue leaves none. Refusing still costs no
-work: the check is arithmetic on counters.
+The admission policy (`app/service/admission_policy.py`) refuses a request at the door,
+before any of its work, when its posts would likely miss their deadline; the batcher gives it
+the counts of posts ahead and the cycle time per post of each batch it runs.
 
 A post whose caller stopped waiting (504, hang-up) while it was in the forward still gets its
 decision computed; `submit`'s `unclaimed` callback receives it (the decision log keeps it,
@@ -42,9 +22,15 @@ two-stage pipeline: while batch n runs on the model thread, batch n + 1 is gathe
 prepared on a preparing thread, and handed to the model the moment it is free, so at
 saturation a batch leaves every max(prepare, forward). One batch is prepared ahead, no more:
 its posts are out of the queue, so deeper would only take posts from later batches early and
-answer them no sooner. Only a full batch is prepared ahead: one short of full stays open until
-the model is free plus the wait (`_close_at`), so the callers the model answers can join it
-(closed earlier, 32 callers settled into two half batches for good). Everything the serial batcher
+answer them no sooner. A batch short of full stays open until the model is free plus the wait
+(`_close_at`), so the callers the model answers can join it (closed earlier, 32 callers
+settled into two half batches for good); once it has gone quiet for the wait while the model
+is busy, it is prepared ahead as it stands (`_prepare_ahead`), and those inputs are used if
+nobody joins it before it closes. With 32 closed-loop callers in two cohorts of 16, each
+cohort is back long before the other's forward ends, so its preparing overlaps that forward
+(before, it began when the model was free: a cycle of prepare + forward). Someone who joins
+later costs one more preparation of the batch, after the first; at most one is made ahead per
+batch, so a trickle of arrivals cannot keep the preparing thread busy. Everything the serial batcher
 checked still holds: a batch whose callers all gave up or whose deadlines passed while it was
 prepared is not run, one whose callers partly did is prepared again without them (before
 the forward: nobody's forward pays for a caller who left), and the admission estimate is the
@@ -79,8 +65,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from app.model.post import Post
+from app.service.admission_policy import AdmissionPolicy
 from app.service.engine import Decision
-from app.service.errors import DeadlineExceededError, OverloadedError, QueueFullError
+from app.service.errors import DeadlineExceededError, QueueFullError
 from app.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
@@ -91,27 +78,6 @@ RunBatch = Callable[[Sequence[Post]], list[Decision]]
 # (everything then happens on the model thread, the serial batcher).
 Prepare = Callable[[Sequence[Post]], Sequence[Post]]
 
-# Admit while the expected queue wait is at most this share of the time left: the rest
-# covers reading and decoding the request, the post's own batch, estimate noise and the
-# answer's way back. 0.5 still let ~6 % of requests time out at 5x saturation on 2 CPUs
-# (docs/reliability.md); at 0.3 none did, and the queue still holds several full batches.
-ADMIT_SHARE = 0.3
-# The wait plus the request's own posts may take at most this share of its remaining time: the
-# rest covers reading the request, estimate noise and the answer's way back. The request's own
-# posts go to the model in full batches, which cost no more per post than the cycles the
-# estimate was measured on, so this share can be much larger than ADMIT_SHARE. For a single
-# post it adds nothing to ADMIT_SHARE's check.
-FINISH_SHARE = 0.8
-# A large request refused for capacity keeps its room this many Retry-After periods: a caller
-# that retries as told finds the queue drained to what it needs.
-CLAIM_RETRIES = 2
-# Weight of the newest batch in the moving average of cycle time per post: quick to follow
-# a slowdown (a median of recent batches lagged, and admitted posts then timed out).
-COST_EWMA = 0.2
-# One batch may count as at most this many times the current estimate: a single batch
-# stalled by a CPU hiccup must not refuse traffic by itself; a real slowdown still lifts
-# the estimate by up to 1.6x per batch.
-COST_STEP = 4.0
 # After this many single-post batches in a row, a lone post (nothing else queued or being
 # decoded) goes to the model at once instead of waiting `max_wait_s` for company that has
 # not come lately: at low load the wait buys no batching and costs every post its latency
@@ -124,6 +90,10 @@ SOLO_BATCHES = 3
 class _Batch:
     items: list["_Pending"]
     started: float  # time.monotonic() when its first post left the queue: its cycle's start
+    # Inputs of the batch's first `ahead_posts` posts, prepared while the model was busy and
+    # the batch had gone quiet (`_prepare_ahead`); None if it never did.
+    ahead: "asyncio.Task[Sequence[Post]] | None" = None
+    ahead_posts: int = 0
 
 
 @dataclass
@@ -159,6 +129,13 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
+        # The batch gathered or prepared ahead of the model still waits: it holds queue room.
+        self.admission = AdmissionPolicy(
+            capacity=queue_size,
+            retry_after_s=retry_after_s,
+            held=lambda: self._queue.qsize() + self._staged,
+            ahead=lambda: self._queue.qsize() + self._staged + self._in_model + self._reserved,
+        )
         self._executor = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="radar-model",
@@ -174,19 +151,16 @@ class DynamicBatcher:
         )
         self._task: asyncio.Task[None] | None = None
         self._forward_task: asyncio.Task[None] | None = None  # the batch on the model thread
+        self._ahead: asyncio.Task[Sequence[Post]] | None = None  # `_prepare_ahead`'s, if running
         self._model_idle = asyncio.Event()
         self._model_idle.set()
-        self._post_cost_s: float | None = None  # batch cycle time per post, moving average
         self._free_at = 0.0  # time.monotonic() when the model thread last finished a batch
         self._in_model = 0  # posts in the forward now running
         self._staged = 0  # posts out of the queue, not in the model yet (gathered, prepared)
         self._reserved = 0  # admitted posts not queued yet (images decoding)
         self._solo_streak = 0  # single-post batches in a row, just before this one
-        # Claims of large requests refused for capacity: posts -> when the claim lapses
-        # (time.monotonic()). One entry per size, so at most max_posts_per_request entries.
-        self._claims: dict[int, float] = {}
         metrics.track_queue(self._queue.qsize)
-        metrics.track_claims(self.claimed_posts)
+        metrics.track_claims(self.admission.claimed_posts)
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -197,10 +171,11 @@ class DynamicBatcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="radar-batcher")
 
     async def stop(self) -> None:
-        for task in (self._task, self._forward_task):
+        for task in (self._task, self._forward_task, self._ahead):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # A preparation ahead may have failed; its batch is gone with the loop.
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         self._preparer.shutdown(wait=True)
         self._executor.shutdown(wait=True)
@@ -214,78 +189,13 @@ class DynamicBatcher:
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def expected_wait_s(self, posts: int = 1, pending: int = 0) -> float:
-        """Seconds before the last of `posts` more posts would reach the model, from recent
-        batches; `pending` counts posts on their way to the queue (requests being read).
-
-        Zero with nothing ahead, whatever the estimate: an idle router always admits, so a
-        stale estimate (one slow batch) can never refuse every request for good.
-        """
-        ahead = self._ahead(pending)
-        if self._post_cost_s is None or ahead == 0:
-            return 0.0
-        return (ahead + posts - 1) * self._post_cost_s
-
-    def _ahead(self, pending: int) -> int:
-        waiting = self._queue.qsize() + self._staged + self._in_model + self._reserved
-        return max(waiting, pending)
-
-    def claimed_posts(self, smaller_than: int | None = None) -> int:
-        """The largest live claim (0: none), only among claims larger than `smaller_than`
-        posts when given: the room a request of that size must leave."""
-        now = time.monotonic()
-        for size, until in list(self._claims.items()):
-            if until <= now:
-                del self._claims[size]
-        sizes = [n for n in self._claims if smaller_than is None or n > smaller_than]
-        return max(sizes, default=0)
-
-    def admit(self, posts: int, deadline: float, pending: int = 0, *, claims: bool = True) -> None:
-        """Raise a 503 error now if `posts` more would overflow the queue or, by the recent
-        model time per post, likely miss `deadline` (`time.monotonic()`): the wait before
-        the first of them against `ADMIT_SHARE` of the time left, the wait and all of them
-        (and the room claimed by larger refused requests) against `FINISH_SHARE`.
-
-        `claims=False` before the body is read (the admission middleware): the request's
-        size is not known yet, and a claimer's own retry must not be refused by its claim.
-        """
-        # The batch gathered or prepared ahead of the model still waits: it counts as queued.
-        if self._queue.qsize() + self._staged + posts > self._queue.maxsize:
-            raise QueueFullError("the router's queue is full", self.retry_after_s)
-        if self._fits(posts, deadline, pending, claims):
-            if claims:
-                self._claims.pop(posts, None)  # a claimer's retry got in: its room is free
-            return
-        if claims:
-            self._claim(posts, deadline)
-        raise OverloadedError(
-            "the router cannot answer within the deadline now", self.retry_after_s
-        )
-
-    def _fits(self, posts: int, deadline: float, pending: int, claims: bool) -> bool:
-        cost, ahead = self._post_cost_s, self._ahead(pending)
-        if cost is None or ahead == 0:
-            return True  # idle: nothing to wait for, whatever the estimate (`expected_wait_s`)
-        remaining = deadline - time.monotonic()
-        room = self.claimed_posts(smaller_than=posts) if claims else 0
-        return (
-            ahead * cost <= ADMIT_SHARE * remaining
-            and (ahead + posts + room) * cost <= FINISH_SHARE * remaining
-        )
-
-    def _claim(self, posts: int, deadline: float) -> None:
-        """Keep room for a refused request until its caller is back, if it would fit a
-        drained queue (one that never could would only hold everyone else off)."""
-        cost, now = self._post_cost_s, time.monotonic()
-        if posts > 1 and cost is not None and posts * cost <= FINISH_SHARE * (deadline - now):
-            self._claims[posts] = now + CLAIM_RETRIES * self.retry_after_s
-
     @contextlib.contextmanager
     def admitted(self, posts: int, deadline: float) -> Iterator[None]:
-        """`admit`, then count the posts as ahead of later arrivals until they are queued
-        (leave the block after `submit`): while their images decode they are invisible to
-        the queue, and a burst of requests would otherwise all be admitted at once."""
-        self.admit(posts, deadline)
+        """`AdmissionPolicy.admit`, then count the posts as ahead of later arrivals until
+        they are queued (leave the block after `submit`): while their images decode they are
+        invisible to the queue, and a burst of requests would otherwise all be admitted at
+        once."""
+        self.admission.admit(posts, deadline)
         self._reserved += posts
         try:
             yield
@@ -334,11 +244,23 @@ class DynamicBatcher:
                 if remaining <= 0:
                     break
                 item = await self._next_post(remaining)
+                if item is None and self._model_busy:  # quiet for the wait, model still busy
+                    self._prepare_ahead(batch)
             if item is not None:
                 batch.items.append(item)
                 self._staged = len(batch.items)
         self._solo_streak = self._solo_streak + 1 if len(batch.items) == 1 else 0
         return batch
+
+    def _prepare_ahead(self, batch: _Batch) -> None:
+        """Start preparing `batch` as it stands, once: it stays open (`_close_at`), and
+        `_prepared_for` uses these inputs only if nobody joins it before it closes."""
+        if batch.ahead is None:
+            batch.ahead = asyncio.ensure_future(self._prepared(list(batch.items)))
+            # Read its error, if any, even when the batch is dropped before using it.
+            batch.ahead.add_done_callback(_retrieve)
+            batch.ahead_posts = len(batch.items)
+            self._ahead = batch.ahead
 
     def _worth_waiting(self) -> bool:
         """Whether to hold the batch open `max_wait_s` for more posts (see `SOLO_BATCHES`)."""
@@ -388,7 +310,7 @@ class DynamicBatcher:
         self._staged = len(live)
         if not live:
             return
-        posts = await self._prepared(live)
+        posts = await self._prepared_for(batch, live)
         if self._forward_task is not None:  # the model is busy with the batch before
             await asyncio.wait({self._forward_task})
         wanted = _wanted(live, time.monotonic())
@@ -399,6 +321,22 @@ class DynamicBatcher:
         self._staged = 0
         loop = asyncio.get_running_loop()
         self._forward_task = loop.create_task(self._forward(batch.started, wanted, posts))
+
+    async def _prepared_for(self, batch: _Batch, live: list[_Pending]) -> Sequence[Post]:
+        """The posts of `live` (the batch's wanted items), prepared: the inputs prepared
+        ahead while it gathered if they are of exactly these posts, or else prepared now,
+        after the preparation ahead has finished (it holds the one preparing thread)."""
+        ahead, self._ahead = batch.ahead, None
+        if ahead is None:
+            return await self._prepared(live)
+        try:
+            posts = await ahead
+        except Exception:  # prepared again below, where a real error recurs and is handled
+            log.debug("preparing ahead failed; preparing the batch again", exc_info=True)
+        else:
+            if batch.ahead_posts == len(batch.items) == len(live):  # nobody joined or left
+                return posts
+        return await self._prepared(live)
 
     async def _prepared(self, items: list[_Pending]) -> Sequence[Post]:
         """The posts of `items`, prepared on the preparing thread."""
@@ -416,8 +354,9 @@ class DynamicBatcher:
         """Run one prepared batch on the model thread and answer its posts (a task: the
         loop meanwhile gathers and prepares the next batch).
 
-        `started`: when the batch's first post left the queue; its cycle (`_update_cost`)
-        runs from then, or from when the model was free for it if that came later.
+        `started`: when the batch's first post left the queue; its cycle
+        (`AdmissionPolicy.record_cycle`) runs from then, or from when the model was free for
+        it if that came later.
         """
         loop = asyncio.get_running_loop()
         begun = time.monotonic()
@@ -438,7 +377,7 @@ class DynamicBatcher:
 
     def _account(self, started: float, begun: float, finished: float, answered: int) -> None:
         """Record one forward (`begun` to `finished`) in the metric, and the admission's
-        estimate (`_update_cost`) from the batch's whole cycle."""
+        estimate (`AdmissionPolicy.record_cycle`) from the batch's whole cycle."""
         self._metrics.forward_time.observe(finished - begun)
         if not answered:
             return
@@ -446,7 +385,7 @@ class DynamicBatcher:
         # time around the forward is what the forward-only estimate missed. The cycle starts
         # when the model was free for this batch (the pipeline's rate: 1 / max(prepare,
         # forward)) or, at low load, when its first post arrived (gather + prepare + forward).
-        self._update_cost((finished - max(started, self._free_at)) / answered)
+        self.admission.record_cycle((finished - max(started, self._free_at)) / answered)
         self._free_at = finished
 
     def _answer(self, items: list[_Pending], answered: dict[int, Decision]) -> None:
@@ -460,13 +399,6 @@ class DynamicBatcher:
                 item.future.set_result(decision)
             else:  # its deadline passed while the model thread was busy
                 item.future.set_exception(DeadlineExceededError("deadline passed in the queue"))
-
-    def _update_cost(self, cost: float) -> None:
-        old = self._post_cost_s
-        if old is None:
-            self._post_cost_s = cost
-            return
-        self._post_cost_s = (1 - COST_EWMA) * old + COST_EWMA * min(cost, COST_STEP * old)
 
     def _run_wanted(self, items: list[_Pending], posts: Sequence[Post]) -> dict[int, Decision]:
         """On the model thread: run the prepared `posts` of `items` if any is still wanted
@@ -501,6 +433,11 @@ def _wanted(items: list[_Pending], now: float) -> list[_Pending]:
             continue
         wanted.append(item)
     return wanted
+
+
+def _retrieve(task: "asyncio.Task[Sequence[Post]]") -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _fail(items: list[_Pending]) -> None:

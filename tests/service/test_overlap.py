@@ -130,8 +130,8 @@ async def test_the_next_batch_is_prepared_while_the_model_runs(engine, threshold
     assert elapsed < 0.8 * serial, (elapsed, serial, built, forwarded)
     # The admission estimate measured the pipeline's cycle, max(prepare, forward) per batch,
     # not the sum (its first batch, gathered from idle, did cost the sum).
-    assert batcher._post_cost_s is not None
-    assert batcher._post_cost_s < 0.9 * (PREPARE_S + FORWARD_S) / BATCH
+    assert batcher.admission.post_cost_s is not None
+    assert batcher.admission.post_cost_s < 0.9 * (PREPARE_S + FORWARD_S) / BATCH
 
 
 async def test_a_batch_short_of_full_waits_for_the_callers_the_model_answers(
@@ -163,6 +163,66 @@ async def test_a_batch_short_of_full_waits_for_the_callers_the_model_answers(
     finally:
         await batcher.stop()
     assert sorted(f[2].split("/")[1] for f in forwarded) == ["2", "4"], forwarded
+
+
+def _gathering_batcher(engine: RouterEngine, thresholds_path: Path, wait_s: float):
+    active = load_thresholds(thresholds_path, engine.categories, engine.router.config.model_version)
+    return DynamicBatcher(
+        lambda posts: engine.route(posts, active),
+        ServiceMetrics(),
+        prepare=engine.prepare,
+        max_batch_size=BATCH,
+        max_wait_s=wait_s,
+        queue_size=4 * BATCH,
+    )
+
+
+async def test_a_quiet_batch_short_of_full_is_prepared_during_the_forward(
+    engine, thresholds_path
+) -> None:
+    """Two posts arrive while a full batch runs and nobody else comes: their batch is
+    prepared while the model runs (not once it is free, which made a cycle of prepare +
+    forward for 32 callers in two cohorts of 16), once, and run with those inputs."""
+    built, forwarded = _slow_down(engine)
+    batcher = _gathering_batcher(engine, thresholds_path, wait_s=0.02)
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        full = [batcher.submit(p, deadline) for p in _posts(BATCH)]
+        await asyncio.sleep(PREPARE_S + 0.03)  # the full batch is in its forward now
+        short = [batcher.submit(Post(title=f"short {i}"), deadline) for i in range(2)]
+        decisions = await asyncio.gather(*full, *short)
+    finally:
+        await batcher.stop()
+    assert all(d.fallback_reason is None for d in decisions)
+    built.sort()
+    forwarded.sort()
+    assert [b[2] for b in built] == [f"post 0/{BATCH}", "short 0/2"], built  # built once
+    assert [f[2] for f in forwarded] == [f"post 0/{BATCH}", "short 0/2"]
+    assert _overlaps(built[1], forwarded[0]), (built, forwarded)
+
+
+async def test_a_post_joining_a_batch_prepared_ahead_is_run_with_it(
+    engine, thresholds_path
+) -> None:
+    """The batch prepared ahead stays open: a caller answered by the running batch who sends
+    again within the wait joins it, and the batch is prepared again with the newcomer."""
+    built, forwarded = _slow_down(engine)
+    batcher = _gathering_batcher(engine, thresholds_path, wait_s=0.05)
+    batcher.start()
+    try:
+        deadline = time.monotonic() + 60
+        full = [batcher.submit(p, deadline) for p in _posts(BATCH)]
+        # Gathered once the full batch is in its forward (0.15 s, three times the wait).
+        short = [batcher.submit(Post(title=f"short {i}"), deadline) for i in range(2)]
+        await asyncio.gather(*full)
+        late = batcher.submit(Post(title="late"), deadline)  # within the wait after free
+        decisions = await asyncio.gather(*short, late)
+    finally:
+        await batcher.stop()
+    assert all(d.fallback_reason is None for d in decisions)
+    assert sorted(b[2] for b in built) == sorted([f"post 0/{BATCH}", "short 0/2", "short 0/3"])
+    assert sorted(f[2] for f in forwarded) == [f"post 0/{BATCH}", "short 0/3"], forwarded
 
 
 async def test_without_a_prepare_step_the_batcher_is_serial(engine, thresholds_path) -> None:
