@@ -21,7 +21,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     Qwen3VLModel,
 )
-from transformers.image_transforms import convert_to_rgb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
     smart_resize,
@@ -158,8 +157,7 @@ class Qwen3VLBackbone(Backbone):
             return image
         if self._processor_size(*target) != target:
             return image
-        rgb = Image.fromarray(convert_to_rgb(image, return_numpy=True))
-        return rgb.resize((target[1], target[0]), resample=processor.resample)
+        return _as_rgb(image).resize((target[1], target[0]), resample=processor.resample)
 
     def _processor_size(self, height: int, width: int) -> tuple[int, int] | None:
         """(height, width) the image processor resizes an image to; None where it refuses."""
@@ -267,6 +265,17 @@ class Qwen3VLBackbone(Backbone):
                 f"backbone.max_text_tokens {self.config.max_text_tokens} leaves no room for the "
                 f"post text: the prompt takes {overhead} tokens with max_images images",
             )
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the image processor's `convert_to_rgb` makes it (transparency composited onto
+    white), without its round trip through numpy: on the decode pool, a 25 M-pixel upload is
+    not copied twice more (`tests/model/test_qwen3_vl.py` holds the two to the same inputs)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _plain_text_encoder(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
