@@ -94,10 +94,16 @@ async def sweep(
     try:
         await loadgen.closed_loop(client, path, posts, 8, 2.0)  # connections, warm-up
         for callers in args.concurrency:
-            await loadgen.closed_loop(client, path, posts, callers, 1.0)
-            before, cpu_before = server_metrics(url), time.process_time()
-            outcomes = await loadgen.closed_loop(client, path, posts, callers, args.seconds)
-            after, client_cpu = server_metrics(url), time.process_time() - cpu_before
+            load = asyncio.create_task(
+                loadgen.closed_loop(client, path, posts, callers, args.seconds, warmup_s=1.0)
+            )
+            # The server's figures over the measured window (the load runs on meanwhile).
+            await asyncio.sleep(1.0)
+            before, cpu_before = await asyncio.to_thread(server_metrics, url), time.process_time()
+            await asyncio.sleep(args.seconds)
+            after = await asyncio.to_thread(server_metrics, url)
+            client_cpu = time.process_time() - cpu_before
+            outcomes = await load
             ok = [o.latency for o in outcomes if o.status == 200]
             row: dict[str, Any] = {
                 "server": name,
