@@ -112,6 +112,14 @@ async def send(
     )
 
 
+@dataclass
+class Window:
+    """When a closed loop's measured window opens and closes (set by `closed_loop`)."""
+
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 async def closed_loop(
     client: ShardedClient,
     path: str,
@@ -119,28 +127,51 @@ async def closed_loop(
     callers: int,
     duration_s: float,
     warmup_s: float = 0.0,
+    window: Window | None = None,
 ) -> list[Outcome]:
-    """`callers` concurrent callers, each sending again as soon as it has its answer, for
-    `warmup_s + duration_s`; returns the requests *answered* within the last `duration_s`.
+    """`callers` concurrent callers, each sending again as soon as it has its answer; returns
+    the requests *answered* within a window of `duration_s`.
 
-    Counted by answer time, so that len(result) / duration_s is the rate: counted by send
-    time, the up to `callers` requests still in flight at the end (answered after it, each up
-    to a whole latency late) fell in the window and overstated the rate by up to
-    callers / duration_s, 16 posts/s at 128 callers over 8 s. The warm-up runs in the same
-    loop, so the window starts in the steady state rather than with an empty server.
+    The window opens once every caller has had an answer and `warmup_s` has passed: the
+    steady state, whatever the latency (with 128 callers of image posts, one round takes
+    ~6 s, longer than any fixed warm-up here). Counted by answer time, len(result) /
+    duration_s is the rate: counted by send time, the up to `callers` requests in flight at
+    the end (answered after it) fell in the window and overstated the rate by up to
+    callers / duration_s, 16 posts/s at 128 callers over 8 s.
     """
     started = time.monotonic()
-    window_from, stop_at = started + warmup_s, started + warmup_s + duration_s
+    bounds: list[float] = []  # [opens, closes], once every caller has had an answer
+    answered: set[int] = set()
+    window = window or Window()
     outcomes: list[Outcome] = []
+
+    def open_window(now: float) -> None:
+        opens = max(now, started + warmup_s)
+        bounds.extend([opens, opens + duration_s])
+        asyncio.get_running_loop().call_at(_loop_time(opens), window.opened.set)
+        asyncio.get_running_loop().call_at(_loop_time(opens + duration_s), window.closed.set)
 
     async def caller(index: int) -> None:
         i = index
-        while time.monotonic() < stop_at:
+        while not bounds or time.monotonic() < bounds[1]:
             outcomes.append(await send(client, path, bodies[i % len(bodies)]))
             i += callers
+            if index not in answered:
+                answered.add(index)
+                if len(answered) == callers:
+                    open_window(time.monotonic())
 
     await asyncio.gather(*(caller(i) for i in range(callers)))
-    return [o for o in outcomes if window_from <= o.sent + o.latency <= stop_at]
+    window.opened.set()
+    window.closed.set()
+    opens, closes = bounds
+    return [o for o in outcomes if opens <= o.sent + o.latency <= closes]
+
+
+def _loop_time(monotonic: float) -> float:
+    """A `time.monotonic()` instant on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic - time.monotonic())
 
 
 async def open_loop(

@@ -94,13 +94,14 @@ async def sweep(
     try:
         await loadgen.closed_loop(client, path, posts, 8, 2.0)  # connections, warm-up
         for callers in args.concurrency:
+            window = loadgen.Window()
             load = asyncio.create_task(
-                loadgen.closed_loop(client, path, posts, callers, args.seconds, warmup_s=1.0)
+                loadgen.closed_loop(client, path, posts, callers, args.seconds, 1.0, window)
             )
             # The server's figures over the measured window (the load runs on meanwhile).
-            await asyncio.sleep(1.0)
+            await window.opened.wait()
             before, cpu_before = await asyncio.to_thread(server_metrics, url), time.process_time()
-            await asyncio.sleep(args.seconds)
+            await window.closed.wait()
             after = await asyncio.to_thread(server_metrics, url)
             client_cpu = time.process_time() - cpu_before
             outcomes = await load
