@@ -126,6 +126,9 @@ async def sweep(
                 row["queue_wait_ms"] = (
                     _delta(before, after, "radar_queue_wait_seconds_sum") / waited * 1000
                 )
+                for outcome in ("used", "redone"):
+                    counter = f"radar_prepared_ahead_total{{outcome={outcome}}}"
+                    row[f"prepared_ahead_{outcome}"] = _delta(before, after, counter)
             rows.append(row)
             print(serving_report.sweep_line(row), flush=True)
     finally:

@@ -40,6 +40,8 @@ def sweep_line(row: Row) -> str:
         extra = (
             f"  batch {row['mean_batch']:.1f}  wait {row['queue_wait_ms']:.1f} ms"
             f"  fwd {row['forward_ms']:.1f} ms"
+            f"  ahead used/redone {row.get('prepared_ahead_used', 0):.0f}"
+            f"/{row.get('prepared_ahead_redone', 0):.0f}"
         )
     return (
         f"{row['server']:>20}  c={row['concurrency']:<4} {row['posts_per_s']:7.1f} posts/s  "

@@ -30,7 +30,11 @@ nobody joins it before it closes. With 32 closed-loop callers in two cohorts of 
 cohort is back long before the other's forward ends, so its preparing overlaps that forward
 (before, it began when the model was free: a cycle of prepare + forward). Someone who joins
 later costs one more preparation of the batch, after the first; at most one is made ahead per
-batch, so a trickle of arrivals cannot keep the preparing thread busy. Everything the serial batcher
+batch, so a trickle of arrivals cannot keep the preparing thread busy. This is on only where
+the forward runs off the CPU (`prepare_short_batches_ahead`, set by the service for a CUDA
+router): with the forward on the same 2 CPUs, preparing beside it slowed it by as much as it
+saved (32 callers, 3 rounds each: fp32 40.1 against 45.2 posts/s, int8 level; about half
+the batches prepared ahead were prepared again; docs/performance.md). Everything the serial batcher
 checked still holds: a batch whose callers all gave up or whose deadlines passed while it was
 prepared is not run, one whose callers partly did is prepared again without them (before
 the forward: nobody's forward pays for a caller who left), and the admission estimate is the
@@ -119,11 +123,14 @@ class DynamicBatcher:
         queue_size: int,
         retry_after_s: int = 1,
         model_thread_nice: int = 0,
+        prepare_short_batches_ahead: bool = False,
     ) -> None:
         if max_batch_size < 1 or queue_size < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and queue_size must be >= 1, max_wait_s >= 0")
         self._run_batch = run_batch
         self._prepare = prepare or _as_is
+        # Worth it only where the forward leaves the CPU to the preparing (module doc).
+        self._prepare_short_ahead = prepare_short_batches_ahead
         self._metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -244,8 +251,8 @@ class DynamicBatcher:
                 if remaining <= 0:
                     break
                 item = await self._next_post(remaining)
-                if item is None and self._model_busy:  # quiet for the wait, model still busy
-                    self._prepare_ahead(batch)
+                if item is None and self._model_busy and self._prepare_short_ahead:
+                    self._prepare_ahead(batch)  # quiet for the wait, model still busy
             if item is not None:
                 batch.items.append(item)
                 self._staged = len(batch.items)
@@ -335,7 +342,9 @@ class DynamicBatcher:
             log.debug("preparing ahead failed; preparing the batch again", exc_info=True)
         else:
             if batch.ahead_posts == len(batch.items) == len(live):  # nobody joined or left
+                self._metrics.prepared_ahead.labels("used").inc()
                 return posts
+        self._metrics.prepared_ahead.labels("redone").inc()
         return await self._prepared(live)
 
     async def _prepared(self, items: list[_Pending]) -> Sequence[Post]:

@@ -119,6 +119,15 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prepared_ahead = Counter(
+            "radar_prepared_ahead",
+            "Batches short of full prepared while the model ran the batch before: run with "
+            "those inputs (used) or prepared again because posts joined or left (redone).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("used", "redone"):
+            self.prepared_ahead.labels(outcome)
         self.batch_size = Histogram(
             "radar_batch_size", "Posts per forward pass.", buckets=BATCH_BUCKETS, registry=r
         )

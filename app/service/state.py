@@ -130,6 +130,9 @@ class ServiceState:
             queue_size=s.queue_size,
             retry_after_s=s.retry_after_s,
             model_thread_nice=s.model_thread_nice,
+            # A short batch prepared beside the forward only pays where the forward leaves
+            # the CPU free (batcher module doc).
+            prepare_short_batches_ahead=router.device.type != "cpu",
         )
         batcher.start()
         self._cleanup.push_async_callback(batcher.stop)

@@ -165,7 +165,9 @@ async def test_a_batch_short_of_full_waits_for_the_callers_the_model_answers(
     assert sorted(f[2].split("/")[1] for f in forwarded) == ["2", "4"], forwarded
 
 
-def _gathering_batcher(engine: RouterEngine, thresholds_path: Path, wait_s: float):
+def _gathering_batcher(
+    engine: RouterEngine, thresholds_path: Path, wait_s: float, short_ahead: bool = True
+):
     active = load_thresholds(thresholds_path, engine.categories, engine.router.config.model_version)
     return DynamicBatcher(
         lambda posts: engine.route(posts, active),
@@ -174,17 +176,20 @@ def _gathering_batcher(engine: RouterEngine, thresholds_path: Path, wait_s: floa
         max_batch_size=BATCH,
         max_wait_s=wait_s,
         queue_size=4 * BATCH,
+        prepare_short_batches_ahead=short_ahead,  # the slowed forward stands in for a device
     )
 
 
+@pytest.mark.parametrize("short_ahead", [True, False])
 async def test_a_quiet_batch_short_of_full_is_prepared_during_the_forward(
-    engine, thresholds_path
+    engine, thresholds_path, short_ahead: bool
 ) -> None:
     """Two posts arrive while a full batch runs and nobody else comes: their batch is
     prepared while the model runs (not once it is free, which made a cycle of prepare +
-    forward for 32 callers in two cohorts of 16), once, and run with those inputs."""
+    forward for 32 callers in two cohorts of 16), once, and run with those inputs. Not with
+    the forward on the CPU (the service's setting there): it would share the CPU."""
     built, forwarded = _slow_down(engine)
-    batcher = _gathering_batcher(engine, thresholds_path, wait_s=0.02)
+    batcher = _gathering_batcher(engine, thresholds_path, 0.02, short_ahead)
     batcher.start()
     try:
         deadline = time.monotonic() + 60
@@ -199,7 +204,8 @@ async def test_a_quiet_batch_short_of_full_is_prepared_during_the_forward(
     forwarded.sort()
     assert [b[2] for b in built] == [f"post 0/{BATCH}", "short 0/2"], built  # built once
     assert [f[2] for f in forwarded] == [f"post 0/{BATCH}", "short 0/2"]
-    assert _overlaps(built[1], forwarded[0]), (built, forwarded)
+    assert _overlaps(built[1], forwarded[0]) == short_ahead, (built, forwarded)
+    assert _prepared_ahead(batcher) == {"used": float(short_ahead), "redone": 0.0}
 
 
 async def test_a_post_joining_a_batch_prepared_ahead_is_run_with_it(
@@ -223,6 +229,12 @@ async def test_a_post_joining_a_batch_prepared_ahead_is_run_with_it(
     assert all(d.fallback_reason is None for d in decisions)
     assert sorted(b[2] for b in built) == sorted([f"post 0/{BATCH}", "short 0/2", "short 0/3"])
     assert sorted(f[2] for f in forwarded) == [f"post 0/{BATCH}", "short 0/3"], forwarded
+    assert _prepared_ahead(batcher) == {"used": 0.0, "redone": 1.0}
+
+
+def _prepared_ahead(batcher: DynamicBatcher) -> dict[str, float]:
+    counter = batcher._metrics.prepared_ahead
+    return {outcome: counter.labels(outcome)._value.get() for outcome in ("used", "redone")}
 
 
 async def test_without_a_prepare_step_the_batcher_is_serial(engine, thresholds_path) -> None:
