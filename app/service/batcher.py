@@ -32,9 +32,11 @@ cohort is back long before the other's forward ends, so its preparing overlaps t
 later costs one more preparation of the batch, after the first; at most one is made ahead per
 batch, so a trickle of arrivals cannot keep the preparing thread busy. This is on only where
 the forward runs off the CPU (`prepare_short_batches_ahead`, set by the service for a CUDA
-router): with the forward on the same 2 CPUs, preparing beside it slowed it by as much as it
-saved (32 callers, 3 rounds each: fp32 40.1 against 45.2 posts/s, int8 level; about half
-the batches prepared ahead were prepared again; docs/performance.md). Everything the serial batcher
+router): with the forward on the same 2 CPUs, preparing beside it takes the CPU the forward
+needs, and no gain was measurable (32 callers, 3 rounds each: fp32 40.1 against 45.2
+posts/s, int8 61.1 against 62.2, while the in-process ceiling, which the batcher does not
+touch, moved as much between the two runs; about half the batches prepared ahead were
+prepared again; docs/performance.md). Everything the serial batcher
 checked still holds: a batch whose callers all gave up or whose deadlines passed while it was
 prepared is not run, one whose callers partly did is prepared again without them (before
 the forward: nobody's forward pays for a caller who left), and the admission estimate is the
