@@ -45,6 +45,9 @@ DecisionLabel = Literal["dispatch", "pass"]
 # decision log's `unanswered` column): its deadline passed (504), the caller hung up or gave
 # up (499, cancelled), or the request failed some other way after its posts were queued.
 UnansweredReason = Literal["deadline", "client_gone", "error"]
+# A batch short of full prepared during the forward before it: run with those inputs, or
+# prepared again because posts joined or left it meanwhile.
+PreparedAhead = Literal["used", "redone"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Per post: 1.0 is RadarLatencyHigh's threshold (a bucket edge, so "p99 > 1 s" means "over 1 %
@@ -126,8 +129,6 @@ class ServiceMetrics:
             ["outcome"],
             registry=r,
         )
-        for outcome in ("used", "redone"):
-            self.prepared_ahead.labels(outcome)
         self.batch_size = Histogram(
             "radar_batch_size", "Posts per forward pass.", buckets=BATCH_BUCKETS, registry=r
         )
@@ -195,6 +196,7 @@ class ServiceMetrics:
             (self.request_latency, get_args(Endpoint)),
             (self.latency_per_post, get_args(Endpoint)),
             (self.unanswered, get_args(UnansweredReason)),
+            (self.prepared_ahead, get_args(PreparedAhead)),
         ):
             for value in values:
                 metric.labels(value)

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import app
 from app.service.engine import FallbackReason
 from app.service.errors import RejectReason, ServiceError
-from app.service.metrics import DecisionLabel, Endpoint
+from app.service.metrics import DecisionLabel, Endpoint, PreparedAhead
 from app.thresholds import RefusalReason
 from tests.service.conftest import categories_of, model_version_of, post, write_thresholds
 from tests.service.test_batching import sample
@@ -137,6 +137,7 @@ def test_label_literals_cover_every_value_the_code_uses() -> None:
         "fallbacks": set(get_args(FallbackReason)),
         "reload_failures": set(get_args(RefusalReason)),
         "request_latency": set(get_args(Endpoint)),
+        "prepared_ahead": set(get_args(PreparedAhead)),
     }
     sources = [path.read_text() for path in Path(app.__file__).parent.rglob("*.py")]
     used = [
