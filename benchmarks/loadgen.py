@@ -148,8 +148,9 @@ async def closed_loop(
     def open_window(now: float) -> None:
         opens = max(now, started + warmup_s)
         bounds.extend([opens, opens + duration_s])
-        asyncio.get_running_loop().call_at(_loop_time(opens), window.opened.set)
-        asyncio.get_running_loop().call_at(_loop_time(opens + duration_s), window.closed.set)
+        loop = asyncio.get_running_loop()
+        loop.call_later(opens - now, window.opened.set)
+        loop.call_later(opens + duration_s - now, window.closed.set)
 
     async def caller(index: int) -> None:
         i = index
@@ -166,12 +167,6 @@ async def closed_loop(
     window.closed.set()
     opens, closes = bounds
     return [o for o in outcomes if opens <= o.sent + o.latency <= closes]
-
-
-def _loop_time(monotonic: float) -> float:
-    """A `time.monotonic()` instant on the running loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic - time.monotonic())
 
 
 async def open_loop(

@@ -138,12 +138,11 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.retry_after_s = retry_after_s
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=queue_size)
-        # The batch gathered or prepared ahead of the model still waits: it holds queue room.
         self.admission = AdmissionPolicy(
             capacity=queue_size,
             retry_after_s=retry_after_s,
-            held=lambda: self._queue.qsize() + self._staged,
-            ahead=lambda: self._queue.qsize() + self._staged + self._in_model + self._reserved,
+            held=self._holding_room,
+            ahead=lambda: self._holding_room() + self._in_model + self._reserved,
         )
         self._executor = ThreadPoolExecutor(
             max_workers=1,
@@ -188,6 +187,11 @@ class DynamicBatcher:
                     await task
         self._preparer.shutdown(wait=True)
         self._executor.shutdown(wait=True)
+
+    def _holding_room(self) -> int:
+        """Posts that take queue room: queued, and the batch gathered or prepared ahead of
+        the model, which still waits."""
+        return self._queue.qsize() + self._staged
 
     @property
     def _model_busy(self) -> bool:
@@ -283,8 +287,8 @@ class DynamicBatcher:
         wait and fill this batch. Closing it earlier, to prepare it during the forward,
         split 32 closed-loop callers into two batches of 16 for good: 40.5 posts/s against
         LitServe's 58.6 (`benchmarks/serving_bench.py`, docs/performance.md). So only a full
-        batch is prepared while the model runs: at saturation, where full batches wait,
-        the overlap stays; below it, a fuller batch is worth more than the overlap.
+        batch closes while the model runs; one short of full may be prepared meanwhile
+        (`_prepare_ahead`, off the CPU only) but stays open until this time.
         """
         close = batch.started + wait
         if self._model_busy:  # until it is free: `_next_post` wakes then, and this moves
